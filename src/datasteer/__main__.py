@@ -1,0 +1,3 @@
+from datasteer.cli import main
+
+main()

@@ -1,0 +1,39 @@
+"""User-facing errors.
+
+Every error a user can cause (bad input, unknown model, missing optional dependency, a run
+directory made with another config) is a `DatasteerError`. Its message is one line that says
+what was wrong and what to do; the CLI prints it without a traceback and exits with status 2.
+"""
+
+
+class DatasteerError(Exception):
+    """Base class for errors the user can fix."""
+
+    exit_code = 2
+
+
+class InputError(DatasteerError):
+    """A missing, unreadable or malformed input file, or an empty input set."""
+
+
+class ConfigError(DatasteerError):
+    """An invalid configuration (recipe, flags)."""
+
+
+class ModelNotFoundError(DatasteerError):
+    """A model spec that resolves to nothing."""
+
+
+class MissingDependencyError(DatasteerError):
+    """An optional dependency that a requested feature needs is not installed."""
+
+    def __init__(self, feature: str, install: str):
+        super().__init__(f"{feature} needs an optional dependency that is not installed; install it with `{install}`")
+
+
+class RunMismatchError(DatasteerError):
+    """A run directory whose manifest was written by a different config or input."""
+
+
+class TeacherRequestError(DatasteerError):
+    """A teacher endpoint refused a request, or kept failing after all retries."""

@@ -1,0 +1,163 @@
+"""Any OpenAI-compatible chat-completions endpoint: a remote provider, a vLLM or llama.cpp server,
+`transformers serve`.
+
+Requests run concurrently (up to `concurrency` in flight), retry with exponential backoff on
+429, 5xx, timeouts and dropped connections (honouring Retry-After), and carry a per-request
+seed derived from the unit seed, so servers that honour `seed` give reproducible samples.
+The API key is read from the environment variable named by `api_key_env` and lives only in
+the request header: it is never stored in the config, the manifest, the rows or an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from typing import Any
+
+from datasteer.config import TeacherConfig
+from datasteer.errors import ConfigError, MissingDependencyError, TeacherRequestError
+from datasteer.generation.base import Completion, chat_messages
+from datasteer.io import Prompt
+from datasteer.runs import derive_seed, redact_url
+
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+def _httpx() -> Any:
+    try:
+        import httpx
+    except ImportError:
+        raise MissingDependencyError("the openai backend", "pip install 'datasteer[openai]'") from None
+    return httpx
+
+
+class OpenAITeacher:
+    def __init__(self, config: TeacherConfig, *, transport: Any = None, sleep: Any = asyncio.sleep):
+        self.config = config
+        self._httpx = _httpx()
+        self._transport = transport  # tests inject httpx.MockTransport for failure injection
+        self._sleep = sleep
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.config.base_url
+        return self.config.base_url.rstrip("/") + "/chat/completions"
+
+    def load(self) -> None:
+        headers = {"Content-Type": "application/json"}
+        env = self.config.api_key_env
+        if env:
+            key = os.environ.get(env)
+            if not key:
+                raise ConfigError(f"teacher '{self.config.name}': environment variable {env} is not set; "
+                                  f"export {env}=<your API key>")
+            headers["Authorization"] = f"Bearer {key}"
+        self._headers = headers
+
+    def close(self) -> None:
+        self._headers = None
+
+    def _payload(self, prompt: Prompt, seed: int) -> dict[str, Any]:
+        s = self.config.sampling
+        payload: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": chat_messages(prompt.prompt, self.config.system_prompt),
+            "max_tokens": s.max_new_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "n": 1,
+            "seed": seed,
+        }
+        if s.top_k is not None:
+            payload["top_k"] = s.top_k  # a common extension (vLLM, llama.cpp); OpenAI ignores unknown fields
+        return payload
+
+    def generate(self, prompts: list[Prompt], *, seed: int) -> list[list[Completion]]:
+        if self._headers is None:
+            self.load()
+        return asyncio.run(self._generate(prompts, seed))
+
+    async def _generate(self, prompts: list[Prompt], seed: int) -> list[list[Completion]]:
+        httpx = self._httpx
+        limit = asyncio.Semaphore(self.config.concurrency)
+        timeout = httpx.Timeout(self.config.timeout_s)
+        async with httpx.AsyncClient(timeout=timeout, headers=self._headers, transport=self._transport) as client:
+
+            async def one(prompt: Prompt, sample_index: int) -> Completion:
+                request_seed = derive_seed(seed, prompt.prompt_id, sample_index)
+                async with limit:
+                    return await self._request(client, self._payload(prompt, request_seed), request_seed)
+
+            tasks = [[asyncio.ensure_future(one(p, j)) for j in range(self.config.k)] for p in prompts]
+            try:
+                return [[await t for t in row] for row in tasks]
+            finally:
+                for row in tasks:
+                    for t in row:
+                        t.cancel()
+
+    async def _request(self, client: Any, payload: dict[str, Any], seed: int) -> Completion:
+        httpx = self._httpx
+        where = f"teacher '{self.config.name}' at {redact_url(self.config.base_url)}"
+        last = ""
+        for attempt in range(self.config.max_retries + 1):
+            retry_after: float | None = None
+            try:
+                response = await client.post(self.url, json=payload)
+            except (httpx.TimeoutException, httpx.TransportError) as err:
+                last = f"{type(err).__name__}"
+            else:
+                if response.status_code == 200:
+                    return _parse_completion(response, where, seed)
+                last = f"HTTP {response.status_code}: {_error_text(response)}"
+                if response.status_code not in RETRY_STATUS:
+                    raise TeacherRequestError(f"{where} refused the request ({last}); check the model name, "
+                                              "key and parameters")
+                retry_after = _retry_after(response)
+            if attempt < self.config.max_retries:
+                delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** attempt) * (0.5 + random.random() / 2)
+                await self._sleep(retry_after if retry_after is not None else delay)
+        raise TeacherRequestError(f"{where} kept failing after {self.config.max_retries} retries ({last}); "
+                                  "finished batches are saved: rerun the same command to resume")
+
+
+def _retry_after(response: Any) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return min(BACKOFF_MAX_S, max(0.0, float(value))) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _error_text(response: Any) -> str:
+    try:
+        body = response.json()
+        message = body.get("error", body) if isinstance(body, dict) else body
+        if isinstance(message, dict):
+            message = message.get("message", message)
+        text = str(message)
+    except ValueError:
+        text = response.text
+    return " ".join(text.split())[:200]
+
+
+def _parse_completion(response: Any, where: str, seed: int) -> Completion:
+    try:
+        body = response.json()
+        choice = body["choices"][0]
+        text = choice["message"]["content"] or ""
+        usage = body.get("usage") or {}
+        finish = choice.get("finish_reason") or "stop"
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise TeacherRequestError(f"{where} answered with something that is not a chat completion") from None
+    return Completion(
+        text=text,
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        finish_reason="length" if finish == "length" else "stop",
+        seed=seed,
+    )

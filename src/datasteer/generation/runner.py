@@ -1,0 +1,171 @@
+"""`generate`: run every teacher over the prompt set into a resumable run directory.
+
+Work is cut into units (one teacher, `batch_size` consecutive prompts, all k samples). Each
+unit is seeded from (run seed, teacher name, unit index) and written as one atomic shard, so
+a run killed at any point and started again produces exactly the rows of an uninterrupted
+run: finished units are skipped, unfinished ones are redone from their own seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasteer.config import GenerateConfig, TeacherConfig, fingerprint
+from datasteer.generation.base import Completion, Teacher
+from datasteer.io import Prompt, describe_input, read_prompts
+from datasteer.progress import track
+from datasteer.runs import Run, derive_seed, redact_url
+
+CANDIDATES_FILE = "candidates.jsonl"
+
+
+def make_teacher(config: TeacherConfig) -> Teacher:
+    """Build (not load) the backend for a teacher; fails fast on a missing optional dependency."""
+    if config.backend == "transformers":
+        from datasteer.generation.transformers_backend import TransformersTeacher
+
+        return TransformersTeacher(config)
+    if config.backend == "openai":
+        from datasteer.generation.openai_backend import OpenAITeacher
+
+        return OpenAITeacher(config)
+    from datasteer.generation.vllm_backend import VLLMTeacher
+
+    return VLLMTeacher(config)
+
+
+@dataclass(frozen=True)
+class Unit:
+    teacher: TeacherConfig
+    index: int
+    prompts: list[Prompt]
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:06d}"
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.teacher.k
+
+
+def plan_units(config: GenerateConfig, prompts: list[Prompt]) -> list[Unit]:
+    """All units, teacher by teacher, in the order their rows appear in candidates.jsonl."""
+    units = []
+    for teacher in config.teachers:
+        size = teacher.batch_size
+        for index, start in enumerate(range(0, len(prompts), size)):
+            units.append(Unit(teacher=teacher, index=index, prompts=prompts[start:start + size]))
+    return units
+
+
+def candidate_rows(unit: Unit, completions: list[list[Completion]]) -> list[dict[str, Any]]:
+    t = unit.teacher
+    if len(completions) != len(unit.prompts) or any(len(c) != t.k for c in completions):
+        raise RuntimeError(f"teacher '{t.name}' returned a wrong number of completions for unit {unit.name}")
+    sampling = t.sampling.model_dump()
+    rows = []
+    for prompt, samples in zip(unit.prompts, completions):
+        for sample_index, c in enumerate(samples):
+            rows.append({
+                "prompt_id": prompt.prompt_id,
+                "prompt": prompt.prompt,
+                "completion": c.text,
+                "source": t.name,
+                "sample_index": sample_index,
+                "model": t.model,
+                "backend": t.backend,
+                "base_url": redact_url(t.base_url),
+                "system_prompt": t.system_prompt,
+                "sampling": sampling,
+                "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": c.completion_tokens,
+                "finish_reason": c.finish_reason,
+                "seed": c.seed,
+            })
+    return rows
+
+
+@dataclass
+class GenerateResult:
+    run_dir: Path
+    candidates_path: Path
+    rows: int
+    generated_rows: int  # rows made by this call (the rest were resumed from shards)
+    generated_tokens: int
+    seconds: float  # wall time of the call, model loading included
+    generation_seconds: float  # time spent generating
+    per_source: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+
+def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+             teachers: dict[str, Teacher] | None = None) -> GenerateResult:
+    """Generate `k` candidates per prompt from every teacher into the run directory `out`.
+
+    Rerunning with the same config and `out` resumes; a different config is refused unless
+    `overwrite`. `teachers` lets a caller pass ready backends (already loaded models) by name.
+    """
+    prompts = read_prompts(config.prompts)
+    run = Run.prepare(out, stage="generate", config=fingerprint(config),
+                      inputs={"prompts": describe_input(config.prompts, prompts)}, seed=config.seed,
+                      overwrite=overwrite)
+    teachers = dict(teachers or {})
+    for t in config.teachers:
+        if t.name not in teachers:
+            teachers[t.name] = make_teacher(t)
+
+    units = plan_units(config, prompts)
+    pending = [u for u in units if not run.has_shard(u.teacher.name, u.name)]
+    total_rows = sum(u.rows for u in units)
+    done_rows = total_rows - sum(u.rows for u in pending)
+    start = time.perf_counter()
+    generated_rows = generated_tokens = 0
+    generation_seconds = 0.0  # time inside teacher.generate (model loading excluded)
+    with track("generate", total_rows, done=done_rows, enabled=progress) as tracker:
+        for teacher_config in config.teachers:
+            todo = [u for u in pending if u.teacher.name == teacher_config.name]
+            if not todo:
+                continue
+            teacher = teachers[teacher_config.name]
+            tracker.describe(f"generate [{teacher_config.name}]")
+            teacher.load()
+            try:
+                for unit in todo:
+                    seed = derive_seed(config.seed, teacher_config.name, unit.name)
+                    began = time.perf_counter()
+                    completions = teacher.generate(unit.prompts, seed=seed)
+                    generation_seconds += time.perf_counter() - began
+                    rows = candidate_rows(unit, completions)
+                    run.write_shard(teacher_config.name, unit.name, rows)
+                    tokens = sum(r["completion_tokens"] for r in rows)
+                    generated_rows += len(rows)
+                    generated_tokens += tokens
+                    tracker.advance(len(rows), tokens)
+            finally:
+                teacher.close()  # free one teacher's memory before the next loads
+    seconds = time.perf_counter() - start
+
+    data = b"".join(run.shard_path(u.teacher.name, u.name).read_bytes() for u in units)
+    candidates = run.write_output(CANDIDATES_FILE, data)
+    rows = list(run.iter_shard_rows((u.teacher.name, u.name) for u in units))
+    per_source = dict(Counter(r["source"] for r in rows))
+    finish = Counter(r["finish_reason"] for r in rows)
+    run.finish({
+        "rows": len(rows),
+        "prompts": len(prompts),
+        "per_source": per_source,
+        "finish_reasons": dict(finish),
+        "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
+        "output": CANDIDATES_FILE,
+    })
+    return GenerateResult(run_dir=run.path, candidates_path=candidates, rows=len(rows), generated_rows=generated_rows,
+                          generated_tokens=generated_tokens, seconds=seconds, generation_seconds=generation_seconds,
+                          per_source=per_source)

@@ -1,0 +1,64 @@
+"""Offline batch generation with vLLM (GPU only; `pip install 'datasteer[vllm]'`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasteer.config import TeacherConfig
+from datasteer.errors import MissingDependencyError
+from datasteer.generation.base import Completion, chat_messages
+from datasteer.io import Prompt
+from datasteer.models import materialize
+from datasteer.runs import derive_seed
+
+
+def _vllm() -> Any:
+    try:
+        import vllm
+    except ImportError:
+        raise MissingDependencyError("the vllm backend (GPU only)", "pip install 'datasteer[vllm]'") from None
+    return vllm
+
+
+class VLLMTeacher:
+    """One `generate` call = one `LLM.chat` over the unit's prompts with n=k samples each."""
+
+    def __init__(self, config: TeacherConfig):
+        self.config = config
+        self._vllm = _vllm()
+        self._llm: Any = None
+
+    def load(self) -> None:
+        if self._llm is None:
+            dtype = "auto" if self.config.dtype == "auto" else self.config.dtype
+            self._llm = self._vllm.LLM(model=materialize(self.config.model), dtype=dtype,
+                                       trust_remote_code=self.config.trust_remote_code, seed=0)
+
+    def close(self) -> None:
+        self._llm = None
+
+    def generate(self, prompts: list[Prompt], *, seed: int) -> list[list[Completion]]:
+        self.load()
+        s = self.config.sampling
+        params = [
+            self._vllm.SamplingParams(
+                n=self.config.k,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k if s.top_k is not None else -1,
+                max_tokens=s.max_new_tokens,
+                seed=derive_seed(seed, p.prompt_id),
+            )
+            for p in prompts
+        ]
+        conversations = [chat_messages(p.prompt, self.config.system_prompt) for p in prompts]
+        outputs = self._llm.chat(conversations, params, use_tqdm=False)
+        results = []
+        for p, out in zip(prompts, outputs):
+            request_seed = derive_seed(seed, p.prompt_id)
+            results.append([
+                Completion(text=o.text, prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(o.token_ids),
+                           finish_reason="length" if o.finish_reason == "length" else "stop", seed=request_seed)
+                for o in out.outputs
+            ])
+        return results

@@ -1,0 +1,170 @@
+"""Read and write rows: JSONL, JSON, Parquet, CSV and Hugging Face `datasets`.
+
+Every reader raises `InputError` with the file and row number of the first problem, so that a
+malformed row is a one-line message, not a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasteer.config import PromptsConfig
+from datasteer.errors import InputError, MissingDependencyError
+from datasteer.runs import sha256_file
+
+HF_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str
+    prompt: str
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a .jsonl/.json/.parquet/.csv file as dicts."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give a .jsonl, .json, .parquet or .csv file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    raise InputError(f"{path}: unsupported file type '{suffix}'; use .jsonl, .json, .parquet or .csv")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or remove that line") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not a valid UTF-8 JSON file ({err}); fix the file") from None
+    if isinstance(data, dict):
+        data = next((v for v in data.values() if isinstance(v, list)), None)
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise InputError(f"{path}: expected a JSON list of objects (or JSONL, one object per line)")
+    return data
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several unrelated types for a bad file
+        raise InputError(f"{path}: not a readable Parquet file ({type(err).__name__}); check the file") from None
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = []
+            for lineno, row in enumerate(reader, 2):
+                if None in row or any(v is None for v in row.values()):
+                    raise InputError(f"{path}:{lineno}: wrong number of fields for header {reader.fieldnames}")
+                rows.append(dict(row))
+            return rows
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
+    except csv.Error as err:
+        raise InputError(f"{path}: malformed CSV ({err})") from None
+
+
+def _read_hf(name: str, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise MissingDependencyError("reading prompts from a datasets name", "pip install datasets") from None
+    try:
+        return list(datasets.load_dataset(name, split=split))
+    except Exception as err:  # datasets raises many types for "not found / offline"
+        raise InputError(f"could not load dataset '{name}' split '{split}' ({type(err).__name__}); "
+                         "check the name, or give a local .jsonl/.parquet/.csv file") from None
+
+
+def read_prompts(config: PromptsConfig) -> list[Prompt]:
+    """Prompts with stable ids, validated: no empty text, no duplicate ids, at least one prompt."""
+    if config.path.startswith(HF_PREFIX):
+        source = config.path[len(HF_PREFIX):]
+        rows = _read_hf(source, config.split)
+    else:
+        source = config.path
+        rows = read_rows(config.path)
+    if not rows:
+        raise InputError(f"{source}: no prompts found; the prompt set is empty")
+    id_field = config.id_field
+    if id_field is None:
+        id_field = next((f for f in ("prompt_id", "id") if f in rows[0]), None)
+    prompts: list[Prompt] = []
+    seen: set[str] = set()
+    for index, row in enumerate(rows):
+        where = f"{source}: row {index + 1}"
+        if config.prompt_field not in row:
+            raise InputError(f"{where} has no '{config.prompt_field}' field (fields: {', '.join(map(str, row))}); "
+                             "pass --prompt-field to name the prompt column")
+        text = row[config.prompt_field]
+        if not isinstance(text, str):
+            raise InputError(f"{where}: '{config.prompt_field}' must be text, got {type(text).__name__}")
+        if not text.strip():
+            raise InputError(f"{where}: the prompt is empty; remove the row or fill it in")
+        if id_field is not None:
+            if row.get(id_field) is None:
+                raise InputError(f"{where} has no '{id_field}' value; give every row an id or drop the id column")
+            prompt_id = str(row[id_field])
+        else:
+            prompt_id = str(index)
+        if prompt_id in seen:
+            raise InputError(f"{where}: duplicate prompt id '{prompt_id}'; ids must be unique")
+        seen.add(prompt_id)
+        prompts.append(Prompt(prompt_id=prompt_id, prompt=text))
+        if config.limit is not None and len(prompts) >= config.limit:
+            break
+    return prompts
+
+
+def describe_input(config: PromptsConfig, prompts: list[Prompt]) -> dict[str, Any]:
+    """What a manifest records about the prompt source, so that a changed file is noticed on resume."""
+    info: dict[str, Any] = {"path": config.path, "rows": len(prompts)}
+    if not config.path.startswith(HF_PREFIX):
+        info["sha256"] = sha256_file(config.path)
+    return info
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    from datasteer.runs import atomic_write_bytes, dump_rows
+
+    atomic_write_bytes(path, dump_rows(rows))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return _read_jsonl(Path(path))
