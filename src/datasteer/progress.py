@@ -56,4 +56,10 @@ def track(description: str, total: int, *, done: int = 0, enabled: bool = True,
     )
     with progress:
         task = progress.add_task(description, total=total, completed=done, tokens=0, started=time.perf_counter())
-        yield Tracker(progress, task)
+        try:
+            yield Tracker(progress, task)
+        except BaseException:
+            # On failure the error message is the last word: take the bar off the screen.
+            progress.remove_task(task)
+            progress.live.transient = True
+            raise

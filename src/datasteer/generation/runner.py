@@ -17,6 +17,7 @@ from typing import Any
 from datasteer.config import GenerateConfig, TeacherConfig, fingerprint
 from datasteer.generation.base import Completion, Teacher
 from datasteer.io import Prompt, describe_input, read_prompts
+from datasteer.models import parse_spec
 from datasteer.progress import track
 from datasteer.runs import Run, derive_seed, redact_url
 
@@ -24,7 +25,9 @@ CANDIDATES_FILE = "candidates.jsonl"
 
 
 def make_teacher(config: TeacherConfig) -> Teacher:
-    """Build (not load) the backend for a teacher; fails fast on a missing optional dependency."""
+    """Build (not load) the backend for a teacher; fails fast on a bad spec or a missing optional dependency."""
+    if config.backend != "openai":
+        parse_spec(config.model)
     if config.backend == "transformers":
         from datasteer.generation.transformers_backend import TransformersTeacher
 
