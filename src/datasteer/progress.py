@@ -53,6 +53,7 @@ def track(description: str, total: int, *, done: int = 0, enabled: bool = True,
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
         TaskProgressColumn(), TokensPerSecondColumn(), TimeElapsedColumn(), TextColumn("ETA"),
         TimeRemainingColumn(), console=console or Console(stderr=True), transient=False,
+        refresh_per_second=4,  # redraws compete with torch for the GIL on small machines
     )
     with progress:
         task = progress.add_task(description, total=total, completed=done, tokens=0, started=time.perf_counter())
