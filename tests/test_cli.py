@@ -1,5 +1,6 @@
 """The CLI's contract: one-line errors with exit status 2 and no output left behind; progress; summary."""
 
+import importlib.util
 import json
 import subprocess
 
@@ -38,9 +39,8 @@ def _assert_user_error(proc, words, out=None):
                             "--api-key-env", "UNSET_VAR_X"], "UNSET_VAR_X is not set"),
 ])
 def test_user_errors(tmp_path, setup, args, words):
-    pytest.importorskip("httpx")
-    if "vllm" in args:
-        pytest.importorskip("importlib").util.find_spec("vllm") and pytest.skip("vllm is installed")
+    if "vllm" in args and importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed")
     if setup is not None:
         (tmp_path / "p.jsonl").write_text(setup)
     args = [str(tmp_path / a) if a.endswith(".jsonl") else a for a in args]
