@@ -2,7 +2,6 @@
 `transformers serve` process on loopback."""
 
 import json
-import os
 import socket
 import subprocess
 import sys

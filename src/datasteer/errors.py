@@ -31,6 +31,16 @@ class MissingDependencyError(DatasteerError):
         super().__init__(f"{feature} needs an optional dependency that is not installed; install it with `{install}`")
 
 
+def optional_import(module: str, feature: str, install: str):
+    """Import an optional dependency, or raise MissingDependencyError naming the pip command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(feature, install) from None
+
+
 class RunMismatchError(DatasteerError):
     """A run directory whose manifest was written by a different config or input."""
 

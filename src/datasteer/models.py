@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from datasteer.errors import MissingDependencyError, ModelNotFoundError
+from datasteer.errors import MissingDependencyError, ModelNotFoundError, optional_import
 
 EMBEDDED_MODELS = {
     "smollm2": {
@@ -117,8 +117,7 @@ def _embedded_cache(name: str) -> Path:
     target = cache_dir() / "models" / f"{name}-{key.hexdigest()[:12]}"
     if (target / ".complete").exists():
         return target
-    if importlib.util.find_spec("gguf") is None:
-        raise MissingDependencyError("loading the embedded GGUF model", "pip install gguf")
+    optional_import("gguf", "loading the embedded GGUF model", "pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, filename = str(gguf_path.parent), gguf_path.name
@@ -131,15 +130,13 @@ def _embedded_cache(name: str) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    (tmp / ".complete").write_text("ok\n")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+
+    return _publish(target, save)
 
 
 def _tiny_tokenizer_dir() -> Path:
@@ -151,12 +148,23 @@ def _tiny_tokenizer_dir() -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    return _publish(target, tokenizer.save_pretrained)
+
+
+def _publish(target: Path, save: Any) -> Path:
+    """Fill a cache directory through a temporary sibling, so a killed conversion never looks complete."""
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
+    save(tmp)
     (tmp / ".complete").write_text("ok\n")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    if not (target / ".complete").exists():
+        shutil.rmtree(target, ignore_errors=True)  # a half-written cache from a killed conversion
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / ".complete").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process published the same cache first
     return target
 
 

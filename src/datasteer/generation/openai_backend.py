@@ -16,7 +16,7 @@ import random
 from typing import Any
 
 from datasteer.config import TeacherConfig
-from datasteer.errors import ConfigError, MissingDependencyError, TeacherRequestError
+from datasteer.errors import ConfigError, TeacherRequestError, optional_import
 from datasteer.generation.base import Completion, chat_messages
 from datasteer.io import Prompt
 from datasteer.runs import derive_seed, redact_url
@@ -26,18 +26,10 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 
 
-def _httpx() -> Any:
-    try:
-        import httpx
-    except ImportError:
-        raise MissingDependencyError("the openai backend", "pip install 'datasteer[openai]'") from None
-    return httpx
-
-
 class OpenAITeacher:
     def __init__(self, config: TeacherConfig, *, transport: Any = None, sleep: Any = asyncio.sleep):
         self.config = config
-        self._httpx = _httpx()
+        self._httpx = optional_import("httpx", "the openai backend", "pip install 'datasteer[openai]'")
         self._transport = transport  # tests inject httpx.MockTransport for failure injection
         self._sleep = sleep
         self._headers: dict[str, str] | None = None

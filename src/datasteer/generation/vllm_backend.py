@@ -5,19 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from datasteer.config import TeacherConfig
-from datasteer.errors import MissingDependencyError
+from datasteer.errors import optional_import
 from datasteer.generation.base import Completion, chat_messages
 from datasteer.io import Prompt
 from datasteer.models import materialize
 from datasteer.runs import derive_seed
-
-
-def _vllm() -> Any:
-    try:
-        import vllm
-    except ImportError:
-        raise MissingDependencyError("the vllm backend (GPU only)", "pip install 'datasteer[vllm]'") from None
-    return vllm
 
 
 class VLLMTeacher:
@@ -25,7 +17,7 @@ class VLLMTeacher:
 
     def __init__(self, config: TeacherConfig):
         self.config = config
-        self._vllm = _vllm()
+        self._vllm = optional_import("vllm", "the vllm backend (GPU only)", "pip install 'datasteer[vllm]'")
         self._llm: Any = None
 
     def load(self) -> None:
