@@ -158,13 +158,3 @@ def describe_input(config: PromptsConfig, prompts: list[Prompt]) -> dict[str, An
     if not config.path.startswith(HF_PREFIX):
         info["sha256"] = sha256_file(config.path)
     return info
-
-
-def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    from datasteer.runs import atomic_write_bytes, dump_rows
-
-    atomic_write_bytes(path, dump_rows(rows))
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return _read_jsonl(Path(path))

@@ -155,10 +155,11 @@ def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
 class Run:
     """A run directory. Use `Run.prepare`, then `write_shard` as units finish, then `finish`."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], exists: bool):
+    def __init__(self, path: Path, manifest: dict[str, Any], exists: bool, discard_on_create: bool = False):
         self.path = path
         self.manifest = manifest
         self._exists = exists
+        self._discard_on_create = discard_on_create  # --overwrite: remove the old run when new work lands
 
     @classmethod
     def prepare(cls, path: str | Path, *, stage: str, config: dict[str, Any], inputs: dict[str, Any],
@@ -204,15 +205,13 @@ class Run:
             return run
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise RunMismatchError(f"{path} is not empty and holds no datasteer run; choose another --out")
-        run = cls(path, manifest, exists=False)
-        run._discard_on_create = overwrite and path.exists()
-        return run
+        return cls(path, manifest, exists=False, discard_on_create=overwrite and path.exists())
 
     # -- creation is lazy so that failures before the first unit leave nothing behind
     def ensure_created(self) -> None:
         if self._exists:
             return
-        if getattr(self, "_discard_on_create", False):
+        if self._discard_on_create:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path / MANIFEST, self.manifest)

@@ -8,6 +8,7 @@ run: finished units are skipped, unfinished ones are redone from their own seed.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -158,7 +159,7 @@ def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False
 
     data = b"".join(run.shard_path(u.teacher.name, u.name).read_bytes() for u in units)
     candidates = run.write_output(CANDIDATES_FILE, data)
-    rows = list(run.iter_shard_rows((u.teacher.name, u.name) for u in units))
+    rows = [json.loads(line) for line in data.splitlines()]
     per_source = dict(Counter(r["source"] for r in rows))
     finish = Counter(r["finish_reason"] for r in rows)
     run.finish({
