@@ -112,6 +112,87 @@ def generate(
 
 
 @app.command()
+def score(
+    ctx: typer.Context,
+    input: Optional[str] = typer.Argument(None, help="rows to score: .jsonl/.json/.parquet/.csv (e.g. candidates.jsonl)"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory (rerun the same command to resume)"),
+    metrics: Optional[str] = typer.Option(None, "--metrics", "-M",
+                                          help="comma-separated metric specs, e.g. mtld,length,toxicity "
+                                               "(see `datasteer metrics`)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML recipe (flags below override it)"),
+    text_field: str = typer.Option("completion", help="column with the texts to score"),
+    prompt_field: str = typer.Option("prompt", help="column with the prompts (judge and custom metrics)"),
+    id_field: str = typer.Option("prompt_id", help="column grouping the samples of one prompt (toxicity EMT/TP)"),
+    chunk_size: int = typer.Option(256, help="rows per resumable unit of work"),
+    overwrite: bool = typer.Option(False, help="discard an existing run in --out made with another config"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Add one column per metric to every row (length, MTLD, readability, toxicity, judge, custom)."""
+    from datasteer.config import ScoreConfig, build, load_recipe
+    from datasteer.metrics import score as run_score
+
+    data: dict[str, Any] = load_recipe(config) if config is not None else {}
+    for name, value in (("text_field", text_field), ("prompt_field", prompt_field), ("id_field", id_field),
+                        ("chunk_size", chunk_size)):
+        source = ctx.get_parameter_source(name)
+        if config is None or (source is not None and source.name == "COMMANDLINE"):
+            data[name] = value
+    if input:
+        data["input"] = input
+    if metrics:
+        data["metrics"] = metrics
+    if "input" not in data:
+        raise ConfigError("give the file to score (e.g. runs/demo-generate/candidates.jsonl) or --config RECIPE")
+    if "metrics" not in data:
+        raise ConfigError("give --metrics, e.g. --metrics mtld,length,toxicity (see `datasteer metrics`)")
+    if isinstance(data["metrics"], str):
+        from datasteer.metrics import parse_metrics
+
+        data["metrics"] = [str(m) for m in parse_metrics(data["metrics"])]
+    cfg = build(ScoreConfig, data, f"recipe {config}" if config else "flags")
+    result = run_score(cfg, out, overwrite=overwrite, progress=not quiet)
+    _print_score_summary(result)
+
+
+def _print_score_summary(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.rows} rows scored -> {result.scored_path}", title_justify="left")
+    for header in ("metric", "mean", "std", "min", "median", "max", "missing"):
+        table.add_column(header, justify="left" if header == "metric" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    for name, s in result.summary["metrics"].items():
+        table.add_row(name, fmt(s.get("mean")), fmt(s.get("std")), fmt(s.get("min")), fmt(s.get("p50")),
+                      fmt(s.get("max")), str(s["missing"]))
+    console = Console()
+    console.print(table)
+    for name, s in result.summary["metrics"].items():
+        tox = s.get("toxicity")
+        if tox and tox["prompts"]:
+            console.print(f"{name}: expected maximum toxicity {tox['expected_maximum_toxicity']:.4f} "
+                          f"(std {tox['expected_maximum_toxicity_std']:.4f}), toxicity probability "
+                          f"{tox['toxicity_probability']:.4f} over {tox['prompts']} prompts, "
+                          f"{tox['samples_per_prompt']['min']}-{tox['samples_per_prompt']['max']} samples each")
+        if s["missing"]:
+            console.print(f"[yellow]note:[/yellow] {name} has no value for {s['missing']} of {result.rows} rows "
+                          "(kept as null; see the metric's definition in `datasteer metrics`)")
+
+
+@app.command("metrics")
+def list_metrics() -> None:
+    """List the metrics `score` understands, with their parameters."""
+    from datasteer.metrics import GROUPS, REGISTRY
+
+    for name, entry in sorted(REGISTRY.items()):
+        params = f" [{', '.join(entry.params)}]" if entry.params else ""
+        typer.echo(f"{name}{params}: {entry.help}")
+    for name, members in sorted(GROUPS.items()):
+        typer.echo(f"{name} (group): {', '.join(members)}")
+    typer.echo("package.module:function: a custom metric (see `custom`)")
+
+
+@app.command()
 def models() -> None:
     """List the model specs datasteer understands."""
     from datasteer.models import EMBEDDED_MODELS, TINY_ARCHS

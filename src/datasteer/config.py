@@ -96,6 +96,18 @@ class GenerateConfig(StrictModel):
         return teachers
 
 
+class ScoreConfig(StrictModel):
+    """`datasteer score`: one column per metric added to every row of a file."""
+
+    input: str
+    metrics: list[str] = Field(..., min_length=1, description="metric specs: mtld, length, "
+                               "toxicity[backend=detoxify], judge[model=...], package.module:function")
+    text_field: str = "completion"
+    prompt_field: str = Field("prompt", description="needed by metrics that read prompts (judge, custom)")
+    id_field: str = Field("prompt_id", description="groups samples of one prompt (toxicity EMT / TP)")
+    chunk_size: int = Field(256, ge=1, description="rows per resumable unit of work")
+
+
 def fingerprint(config: BaseModel) -> dict[str, Any]:
     """The part of a config that determines a run's output (operational fields removed)."""
 

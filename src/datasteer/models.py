@@ -225,6 +225,21 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model spec alone (cheap: the embedded and tiny models share a cached one)."""
+    kind, name, _ = parse_spec(spec)
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    if kind in ("embedded", "tiny"):
+        return AutoTokenizer.from_pretrained(str(_tiny_tokenizer_dir()))
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"could not load the tokenizer of '{spec}' ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:120]})") from None
+
+
 def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
                attn_implementation: str | None = None) -> LoadedModel:
     """Turn a spec into (model, tokenizer), in eval mode, on `device`."""

@@ -44,15 +44,19 @@ class Tracker:
 
 
 @contextmanager
-def track(description: str, total: int, *, done: int = 0, enabled: bool = True,
-          console: Console | None = None) -> Iterator[Tracker]:
+def track(description: str, total: int, *, done: int = 0, enabled: bool = True, unit: str = "rows",
+          tokens: bool = True, console: Console | None = None) -> Iterator[Tracker]:
+    """A progress bar: done/total `unit`, percent, tokens/s (if `tokens`), elapsed time and ETA."""
     if not enabled:
         yield Tracker(None, None)
         return
+    columns: list[ProgressColumn] = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn(unit), TaskProgressColumn()]
+    if tokens:
+        columns.append(TokensPerSecondColumn())
+    columns += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-        TaskProgressColumn(), TokensPerSecondColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), console=console or Console(stderr=True), transient=False,
+        *columns, console=console or Console(stderr=True), transient=False,
         refresh_per_second=4,  # redraws compete with torch for the GIL on small machines
     )
     with progress:

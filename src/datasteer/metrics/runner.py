@@ -1,0 +1,148 @@
+"""`score`: add one column per metric to every row, in a resumable run directory.
+
+Work is cut into units of (metric, `chunk_size` consecutive rows); each unit's values are one
+atomic shard, so a crash loses at most the unit in progress, and a slow metric (a judge, a
+remote API) that fails half-way keeps every metric and chunk that finished. The merged
+`scored.jsonl` holds the input rows, in order, with the new columns; missing values (NaN from a
+scorer) are JSON null and are counted in the summary, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datasteer.config import ScoreConfig, fingerprint
+from datasteer.errors import ConfigError, InputError
+from datasteer.io import read_rows
+from datasteer.metrics.base import Scorer, build_scorers, parse_metrics
+from datasteer.progress import track
+from datasteer.runs import Run, atomic_write_json, sha256_file
+
+SCORED_FILE = "scored.jsonl"
+SUMMARY_FILE = "summary.json"
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass
+class ScoreResult:
+    run_dir: Path
+    scored_path: Path
+    rows: int
+    columns: list[str]
+    summary: dict[str, Any]
+    scored_units: int  # units computed by this call (the rest were resumed from shards)
+    seconds: float
+    missing: dict[str, int] = field(default_factory=dict)
+
+
+def column_stats(values: list[float | None]) -> dict[str, Any]:
+    """count, missing, mean, std (sample), min, quantiles and max of a column (missing values left out)."""
+    present = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    stats: dict[str, Any] = {"count": int(present.size), "missing": len(values) - int(present.size)}
+    if present.size:
+        stats.update(mean=float(present.mean()), std=float(present.std(ddof=1)) if present.size > 1 else 0.0,
+                     min=float(present.min()), max=float(present.max()))
+        for q, v in zip(QUANTILES, np.quantile(present, QUANTILES)):
+            stats[f"p{int(q * 100)}"] = float(v)
+    return stats
+
+
+def _check_rows(rows: list[dict[str, Any]], config: ScoreConfig, scorers: list[Scorer]) -> None:
+    if not rows:
+        raise InputError(f"{config.input} has no rows to score")
+    needs_prompts = [s.name for s in scorers if s.needs_prompts]
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row.get(config.text_field), str):
+            what = "has no" if config.text_field not in row else "has a non-text"
+            raise InputError(f"{config.input}: row {i} {what} '{config.text_field}' field; "
+                             "pass --text-field to name the column with the texts")
+        if needs_prompts and not isinstance(row.get(config.prompt_field), str):
+            raise InputError(f"{config.input}: row {i} has no '{config.prompt_field}' text, which metric(s) "
+                             f"{', '.join(needs_prompts)} need; pass --prompt-field")
+    taken = sorted({s.name for s in scorers} & set(rows[0]))
+    if taken:
+        raise ConfigError(f"{config.input} already has column(s) {taken}; score into a new name with "
+                          f"column=, e.g. {taken[0]}[column={taken[0]}_2]")
+
+
+def score(config: ScoreConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+          scorers: list[Scorer] | None = None) -> ScoreResult:
+    """Score every row of `config.input` with every metric into the run directory `out`."""
+    rows = read_rows(config.input)
+    specs = [str(s) for s in parse_metrics(config.metrics)]
+    scorers = scorers if scorers is not None else build_scorers(specs)
+    _check_rows(rows, config, scorers)
+    config = config.model_copy(update={"metrics": specs})
+    run = Run.prepare(out, stage="score", config=fingerprint(config),
+                      inputs={"rows": {"path": str(Path(config.input).resolve()), "sha256": sha256_file(config.input),
+                                       "rows": len(rows)}},
+                      seed=0, overwrite=overwrite)
+    texts = [r[config.text_field] for r in rows]
+    prompts = [r.get(config.prompt_field) for r in rows]
+    chunks = [(lo, min(lo + config.chunk_size, len(rows))) for lo in range(0, len(rows), config.chunk_size)]
+    units = [(s, i, lo, hi) for s in scorers for i, (lo, hi) in enumerate(chunks)]
+    pending = [u for u in units if not run.has_shard(u[0].name, f"{u[1]:06d}")]
+    pending_keys = {(u[0].name, u[1]) for u in pending}
+    start = time.perf_counter()
+    done_rows = sum(hi - lo for s, i, lo, hi in units if (s.name, i) not in pending_keys)
+    with track("score", len(rows) * len(scorers), done=done_rows, enabled=progress, unit="values",
+               tokens=False) as tracker:
+        for scorer in scorers:
+            todo = [u for u in pending if u[0] is scorer]
+            if not todo:
+                continue
+            tracker.describe(f"score [{scorer.name}]")
+            try:
+                for _, index, lo, hi in todo:
+                    values: list[float] = []
+                    for b in range(lo, hi, scorer.batch_size):
+                        e = min(b + scorer.batch_size, hi)
+                        got = scorer.score(texts[b:e], prompts[b:e] if scorer.needs_prompts else None)
+                        if len(got) != e - b:
+                            raise RuntimeError(f"metric {scorer.name} returned {len(got)} values for {e - b} texts")
+                        values.extend(got)
+                        tracker.advance(e - b)
+                    run.write_shard(scorer.name, f"{index:06d}",
+                                    [{"v": None if math.isnan(v) else v} for v in map(float, values)])
+            finally:
+                close = getattr(scorer, "close", None)
+                if close is not None:
+                    close()
+    seconds = time.perf_counter() - start
+
+    columns = [s.name for s in scorers]
+    merged: dict[str, list[float | None]] = {}
+    for scorer in scorers:
+        merged[scorer.name] = [r["v"] for i in range(len(chunks)) for r in run.read_shard(scorer.name, f"{i:06d}")]
+    scored = [{**row, **{c: merged[c][i] for c in columns}} for i, row in enumerate(rows)]
+    path = run.write_output(SCORED_FILE, b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n"
+                                                  for r in scored))
+    summary = _summary(config, rows, scorers, merged)
+    atomic_write_json(run.path / SUMMARY_FILE, summary)
+    run.finish({"rows": len(rows), "columns": columns, "output": SCORED_FILE, "summary": SUMMARY_FILE})
+    return ScoreResult(run_dir=run.path, scored_path=path, rows=len(rows), columns=columns, summary=summary,
+                       scored_units=len(pending), seconds=seconds,
+                       missing={c: summary["metrics"][c]["missing"] for c in columns})
+
+
+def _summary(config: ScoreConfig, rows: list[dict[str, Any]], scorers: list[Scorer],
+             merged: dict[str, list[float | None]]) -> dict[str, Any]:
+    from datasteer.metrics.toxicity import toxicity_summary
+
+    metrics: dict[str, Any] = {}
+    for scorer in scorers:
+        values = merged[scorer.name]
+        entry = {"description": scorer.description, "higher_is_better": scorer.higher_is_better,
+                 **column_stats(values)}
+        if getattr(scorer, "is_toxicity", False) and all(config.id_field in r for r in rows):
+            entry["toxicity"] = toxicity_summary([v if v is not None else math.nan for v in values],
+                                                 [str(r[config.id_field]) for r in rows])
+        metrics[scorer.name] = entry
+    return {"rows": len(rows), "text_field": config.text_field, "metrics": metrics}
