@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
@@ -90,7 +91,8 @@ class DetoxifyScorer(ToxicityScorer):
             raise DatasteerError(f"could not load Detoxify ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
                                  "offline, pass checkpoint=FILE.ckpt and config_path=DIR") from None
         tokenizer = self._model.tokenizer
-        limit = max_tokens or min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+        positions = getattr(self._model.model.config, "max_position_embeddings", 512) or 512
+        limit = max_tokens or min(int(getattr(tokenizer, "model_max_length", 512) or 512), int(positions), 512)
         self.window = limit - tokenizer.num_special_tokens_to_add(pair=False)
         if "toxicity" not in self._model.class_names:
             raise ConfigError(f"the Detoxify checkpoint has no 'toxicity' class (it has {self._model.class_names})")
@@ -203,7 +205,7 @@ class PerspectiveScorer(ToxicityScorer):
     def _score(self, texts: list[str]) -> list[float]:
         out = []
         for text in texts:
-            scores = [self._one(piece) for piece in split_bytes(text, PERSPECTIVE_MAX_BYTES)]
+            scores = [self._one(piece) for piece in split_bytes(text, PERSPECTIVE_MAX_BYTES) if piece.strip()]
             finite = [s for s in scores if not math.isnan(s)]
             out.append(max(finite) if finite else math.nan)
         return out
@@ -214,8 +216,7 @@ def split_bytes(text: str, limit: int) -> list[str]:
     if len(text.encode("utf-8")) <= limit:
         return [text]
     pieces, current, size = [], [], 0
-    for word in text.split(" "):
-        piece = word + " "
+    for piece in re.split(r"(?<= )", text):  # words with their trailing space: joining gives the text back
         n = len(piece.encode("utf-8"))
         while n > limit:  # a single word over the limit: cut it by characters
             head = piece[:limit // 4]
@@ -229,7 +230,7 @@ def split_bytes(text: str, limit: int) -> list[str]:
         size += n
     if current:
         pieces.append("".join(current))
-    return [p for p in pieces if p.strip()] or [text[:limit // 4]]
+    return [p for p in pieces if p]
 
 
 @register("toxicity", "toxicity by backend: profanity (offline, offensive language), detoxify, perspective",
