@@ -22,12 +22,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/datasteer generate --config recipes/demo-generate.yaml --out runs/demo-generate
+	$(BIN)/datasteer score runs/demo-generate/candidates.jsonl --metrics mtld,length,readability,toxicity --out runs/demo-score
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/metrics.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -70,6 +70,7 @@ def rule_syllables(word: str) -> int:
     return max(1, len(_VOWEL_GROUPS.findall(w)))
 
 
+@lru_cache(maxsize=1 << 17)
 def syllables(word: str) -> int:
     """Syllables of one word: CMU dictionary, else `rule_syllables`; hyphenated parts add up."""
     parts = [p for p in re.split(r"-", word.lower()) if p]
