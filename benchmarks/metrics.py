@@ -7,7 +7,8 @@ checks that both sides give identical values on every text. The first datasteer 
 fresh process (numba loading its compiled kernels from cache, or compiling them once) is
 timed separately and excluded from throughput.
 
-    python benchmarks/metrics.py [--texts 10000] [--repeats 3] [--judge-texts 16] [--detoxify CKPT --detoxify-config DIR]
+    python benchmarks/metrics.py [--texts 10000] [--repeats 3] [--judge-texts 16]
+                                 [--detoxify CKPT --detoxify-config DIR]
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def generate(
 @app.command()
 def score(
     ctx: typer.Context,
-    input: Optional[str] = typer.Argument(None, help="rows to score: .jsonl/.json/.parquet/.csv (e.g. candidates.jsonl)"),
+    input: Optional[str] = typer.Argument(None, help="rows to score: .jsonl/.json/.parquet/.csv file"),
     out: Path = typer.Option(..., "--out", "-o", help="run directory (rerun the same command to resume)"),
     metrics: Optional[str] = typer.Option(None, "--metrics", "-M",
                                           help="comma-separated metric specs, e.g. mtld,length,toxicity "

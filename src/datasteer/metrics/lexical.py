@@ -411,18 +411,21 @@ def _ttr_scorer() -> LexicalScorer:
 
 @register("mattr", "moving-average type-token ratio", params=("window",))
 def _mattr_scorer(window: str = str(MATTR_WINDOW)) -> LexicalScorer:
-    value = as_int(window, "mattr window")
-    if value < 1:
-        raise ConfigError(f"mattr window must be a positive integer, got {window}")
+    value = _positive_int(window, "mattr window")
     return LexicalScorer("mattr", f"MATTR (window {value})", window=value)
 
 
 @register("hdd", "HD-D lexical diversity (missing for texts under `draws` tokens)", params=("draws",))
 def _hdd_scorer(draws: str = str(HDD_DRAWS)) -> LexicalScorer:
-    value = as_int(draws, "hdd draws")
-    if value < 1:
-        raise ConfigError(f"hdd draws must be a positive integer, got {draws}")
+    value = _positive_int(draws, "hdd draws")
     return LexicalScorer("hdd", f"HD-D ({value} draws)", draws=value)
+
+
+def _positive_int(text: str, where: str) -> int:
+    value = as_int(text, where)
+    if value < 1:
+        raise ConfigError(f"{where} must be a positive integer, got {text}")
+    return value
 
 
 register_group("lexical", ("mtld", "ttr", "mattr", "hdd"))
