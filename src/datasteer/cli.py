@@ -145,10 +145,6 @@ def score(
         raise ConfigError("give the file to score (e.g. runs/demo-generate/candidates.jsonl) or --config RECIPE")
     if "metrics" not in data:
         raise ConfigError("give --metrics, e.g. --metrics mtld,length,toxicity (see `datasteer metrics`)")
-    if isinstance(data["metrics"], str):
-        from datasteer.metrics import parse_metrics
-
-        data["metrics"] = [str(m) for m in parse_metrics(data["metrics"])]
     cfg = build(ScoreConfig, data, f"recipe {config}" if config else "flags")
     result = run_score(cfg, out, overwrite=overwrite, progress=not quiet)
     _print_score_summary(result)

@@ -107,6 +107,16 @@ class ScoreConfig(StrictModel):
     id_field: str = Field("prompt_id", description="groups samples of one prompt (toxicity EMT / TP)")
     chunk_size: int = Field(256, ge=1, description="rows per resumable unit of work")
 
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _split_metrics(cls, value: Any) -> Any:
+        # "mtld,toxicity[backend=detoxify,device=cpu]" (a flag or a recipe string) -> one spec per metric
+        if isinstance(value, str):
+            from datasteer.metrics.base import parse_metrics
+
+            return [str(spec) for spec in parse_metrics(value)]
+        return value
+
 
 def fingerprint(config: BaseModel) -> dict[str, Any]:
     """The part of a config that determines a run's output (operational fields removed)."""

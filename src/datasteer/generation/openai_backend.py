@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 from typing import Any
 
 from datasteer.config import TeacherConfig
 from datasteer.errors import ConfigError, TeacherRequestError, optional_import
 from datasteer.generation.base import Completion, chat_messages
 from datasteer.io import Prompt
+from datasteer.retry import retry_delay
 from datasteer.runs import derive_seed, redact_url
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-BACKOFF_BASE_S = 0.5
-BACKOFF_MAX_S = 30.0
 
 
 class OpenAITeacher:
@@ -97,7 +95,7 @@ class OpenAITeacher:
         where = f"teacher '{self.config.name}' at {redact_url(self.config.base_url)}"
         last = ""
         for attempt in range(self.config.max_retries + 1):
-            retry_after: float | None = None
+            response = None
             try:
                 response = await client.post(self.url, json=payload)
             except (httpx.TimeoutException, httpx.TransportError) as err:
@@ -109,20 +107,10 @@ class OpenAITeacher:
                 if response.status_code not in RETRY_STATUS:
                     raise TeacherRequestError(f"{where} refused the request ({last}); check the model name, "
                                               "key and parameters")
-                retry_after = _retry_after(response)
             if attempt < self.config.max_retries:
-                delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** attempt) * (0.5 + random.random() / 2)
-                await self._sleep(retry_after if retry_after is not None else delay)
+                await self._sleep(retry_delay(attempt, response))
         raise TeacherRequestError(f"{where} kept failing after {self.config.max_retries} retries ({last}); "
                                   "finished batches are saved: rerun the same command to resume")
-
-
-def _retry_after(response: Any) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return min(BACKOFF_MAX_S, max(0.0, float(value))) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _error_text(response: Any) -> str:

@@ -20,15 +20,10 @@ from datasteer.metrics.base import (
 )
 from datasteer.metrics.judge import parse_rating
 from datasteer.metrics.lexical import lexical_measures, mtld, mtld_batch
+from datasteer.metrics.runner import ScoreResult, score
 from datasteer.metrics.toxicity import toxicity_summary
 
 __all__ = [
-    "GROUPS", "REGISTRY", "BaseScorer", "MetricSpec", "Scorer", "build_scorers", "lexical_measures", "mtld",
-    "mtld_batch", "parse_metric", "parse_metrics", "parse_rating", "register", "score", "toxicity_summary",
+    "GROUPS", "REGISTRY", "BaseScorer", "MetricSpec", "ScoreResult", "Scorer", "build_scorers", "lexical_measures",
+    "mtld", "mtld_batch", "parse_metric", "parse_metrics", "parse_rating", "register", "score", "toxicity_summary",
 ]
-
-
-def score(*args, **kwargs):  # noqa: ANN002, ANN003  (thin re-export; the runner imports the heavier io/run code)
-    from datasteer.metrics.runner import score as _score
-
-    return _score(*args, **kwargs)

@@ -9,7 +9,6 @@ scorer) are JSON null and are counted in the summary, never dropped.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from datasteer.errors import ConfigError, InputError
 from datasteer.io import read_rows
 from datasteer.metrics.base import Scorer, build_scorers, parse_metrics
 from datasteer.progress import track
-from datasteer.runs import Run, atomic_write_json, sha256_file
+from datasteer.runs import Run, atomic_write_json, dump_rows, sha256_file
 
 SCORED_FILE = "scored.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -122,8 +121,7 @@ def score(config: ScoreConfig, out: str | Path, *, overwrite: bool = False, prog
     for scorer in scorers:
         merged[scorer.name] = [r["v"] for i in range(len(chunks)) for r in run.read_shard(scorer.name, f"{i:06d}")]
     scored = [{**row, **{c: merged[c][i] for c in columns}} for i, row in enumerate(rows)]
-    path = run.write_output(SCORED_FILE, b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n"
-                                                  for r in scored))
+    path = run.write_output(SCORED_FILE, dump_rows(scored))
     summary = _summary(config, rows, scorers, merged)
     atomic_write_json(run.path / SUMMARY_FILE, summary)
     run.finish({"rows": len(rows), "columns": columns, "output": SCORED_FILE, "summary": SUMMARY_FILE})

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import re
 import time
 from collections import defaultdict
@@ -38,6 +37,7 @@ from typing import Any
 
 from datasteer.errors import ConfigError, DatasteerError, optional_import
 from datasteer.metrics.base import BaseScorer, as_float, as_int, register
+from datasteer.retry import retry_delay
 
 BACKENDS = ("profanity", "detoxify", "perspective")
 PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com/v1alpha1"
@@ -175,7 +175,7 @@ class PerspectiveScorer(ToxicityScorer):
         for attempt in range(self.max_retries + 1):
             self._pace()
             self.requests += 1
-            retry_after = None
+            response = None
             try:
                 response = self._client.post(url, params=self._params, json=body)
             except (httpx.TimeoutException, httpx.TransportError) as err:
@@ -192,13 +192,8 @@ class PerspectiveScorer(ToxicityScorer):
                 if response.status_code not in RETRY_STATUS:
                     raise DatasteerError(f"the Perspective API refused the request ({last}); check the key and "
                                          "that the API is enabled for it")
-                try:
-                    retry_after = float(response.headers.get("retry-after", ""))
-                except ValueError:
-                    retry_after = None
             if attempt < self.max_retries:
-                backoff = min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random() / 2)
-                self._sleep(retry_after if retry_after is not None else backoff)
+                self._sleep(retry_delay(attempt, response))
         raise DatasteerError(f"the Perspective API kept failing after {self.max_retries} retries ({last}); "
                              "finished chunks are saved: rerun the same command to resume")
 
