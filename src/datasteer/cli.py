@@ -175,6 +175,264 @@ def _print_score_summary(result: Any) -> None:
                           "(kept as null; see the metric's definition in `datasteer metrics`)")
 
 
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether the user typed flag `name` (rather than leaving its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _overlay(ctx: typer.Context, data: dict[str, Any], has_recipe: bool, **flags: Any) -> dict[str, Any]:
+    """Flags over a recipe: every flag without a recipe, only the typed ones with one (None = not given)."""
+    for name, value in flags.items():
+        if value is not None and (not has_recipe or _typed(ctx, name)):
+            data[name] = value
+    return data
+
+
+@app.command()
+def select(
+    ctx: typer.Context,
+    input: str = typer.Argument(..., help="scored candidates (scored.jsonl of `datasteer score`)"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory"),
+    objective: list[str] = typer.Option(..., "--objective", "-O",
+                                        help="COLUMN:max | COLUMN:min | COLUMN:max:WEIGHT (repeatable), or random"),
+    combine: str = typer.Option("weighted", help="several objectives: weighted (sum of per-prompt z-scores) "
+                                                 "or lexicographic"),
+    constraint: list[str] = typer.Option([], "--constraint", "-C", help="COLUMN OP NUMBER, e.g. length>=50 "
+                                                                        "(repeatable)"),
+    source: list[str] = typer.Option([], "--source", "-s", help="select only among this teacher's candidates "
+                                                                "(repeatable; default: the whole pool)"),
+    seed: int = typer.Option(0, help="seed of the random baseline"),
+    id_field: str = typer.Option("prompt_id"),
+    text_field: str = typer.Option("completion"),
+    overwrite: bool = typer.Option(False, help="discard an existing run in --out made with another config"),
+) -> None:
+    """Keep one candidate per prompt: the best by the objectives, or a random one (the baseline)."""
+    from datasteer.config import SelectConfig, build
+    from datasteer.inheritance.select import select as run_select
+
+    cfg = build(SelectConfig, {"input": input, "objectives": objective, "combine": combine,
+                               "constraints": constraint, "sources": source or None, "seed": seed,
+                               "id_field": id_field, "text_field": text_field}, "flags")
+    result = run_select(cfg, out, overwrite=overwrite)
+    s = result.summary
+    typer.echo(f"selected {result.selected} of {s['prompts']} prompts ({s['candidates']} candidates) by "
+               f"{', '.join(cfg.objectives)} -> {result.selected_path}")
+    for reason, n in s["dropped_reasons"].items():
+        typer.echo(f"dropped {n} prompt(s): {reason} (listed in {result.run_dir / 'dropped.jsonl'})")
+    for column, shift in s["columns"].items():
+        a, b = shift["candidates"], shift["selected"]
+        if a.get("mean") is not None and b.get("mean") is not None:
+            typer.echo(f"{column}: candidates mean {a['mean']:.4g} -> selected mean {b['mean']:.4g}")
+
+
+@app.command()
+def finetune(
+    ctx: typer.Context,
+    input: Optional[str] = typer.Argument(None, help="rows with prompt and completion (selected.jsonl)"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory (rerun the same command to resume)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML recipe (flags below override it)"),
+    model: str = typer.Option("embedded:smollm2", "--model", "-m", help="the student's model spec"),
+    method: str = typer.Option("full", help="full | lora"),
+    epochs: float = typer.Option(2.0),
+    learning_rate: float = typer.Option(5e-5, "--lr", "--learning-rate"),
+    batch_size: int = typer.Option(8),
+    gradient_accumulation: int = typer.Option(1),
+    max_length: int = typer.Option(512),
+    lora_r: int = typer.Option(16),
+    lora_alpha: float = typer.Option(32.0),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="discard an existing run in --out made with another config"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Fine-tune a student on selected rows (TRL SFT, full or LoRA); the merged model lands in OUT/model."""
+    from datasteer.config import FinetuneConfig, build, load_recipe
+    from datasteer.inheritance.finetune import finetune as run_finetune
+
+    data: dict[str, Any] = load_recipe(config) if config is not None else {}
+    if input:
+        data["input"] = input
+    _overlay(ctx, data, config is not None, model=model, method=method, epochs=epochs, learning_rate=learning_rate,
+             batch_size=batch_size, gradient_accumulation=gradient_accumulation, max_length=max_length,
+             lora_r=lora_r, lora_alpha=lora_alpha, seed=seed)
+    if "input" not in data:
+        raise ConfigError("give the rows to train on (e.g. runs/select/selected.jsonl) or --config RECIPE")
+    cfg = build(FinetuneConfig, data, f"recipe {config}" if config else "flags")
+    result = run_finetune(cfg, out, overwrite=overwrite, progress=not quiet)
+    how = " (already complete)" if result.resumed_from == "complete" else (
+        f" (resumed from {result.resumed_from})" if result.resumed_from else "")
+    loss = "-" if result.final_loss is None else f"{result.final_loss:.4f}"
+    typer.echo(f"fine-tuned {cfg.model} on {result.examples} examples, {result.steps} steps, final loss {loss}"
+               f"{how} in {result.seconds:.1f}s -> {result.model_dir}")
+
+
+@app.command()
+def profile(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="model spec: embedded:smollm2, a fine-tuned model/ directory, an HF id"),
+    prompts: str = typer.Option("builtin:instructions-heldout", "--prompts", "-p",
+                                help="held-out prompts: a file, hf:DATASET or builtin:NAME"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory (rerun the same command to resume)"),
+    metrics: Optional[str] = typer.Option(None, "--metrics", "-M", help="comma-separated metric specs "
+                                          "(default: length,lexical,readability,toxicity)"),
+    label: Optional[str] = typer.Option(None, help="name of this profile in comparisons"),
+    k: int = typer.Option(1, "--k", "-k", help="samples per prompt"),
+    temperature: float = typer.Option(0.0, help="0 = greedy (the default)"),
+    top_p: float = typer.Option(1.0),
+    max_new_tokens: int = typer.Option(256),
+    toxicity: bool = typer.Option(False, "--toxicity", help="toxicity mode: 25 samples per prompt at temperature "
+                                                              "1, top_p 0.9; reports EMT and Toxicity Probability"),
+    limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
+    batch_size: int = typer.Option(16),
+    system_prompt: Optional[str] = typer.Option(None),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="discard an existing run in --out made with another config"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Profile what a model writes on held-out prompts: every metric, per-prompt rows and a summary."""
+    from datasteer.config import ProfileConfig, build
+    from datasteer.inheritance.profile import profile as run_profile
+
+    data: dict[str, Any] = {"model": model, "prompts": {"path": prompts, "limit": limit}, "label": label, "k": k,
+                            "toxicity": toxicity, "batch_size": batch_size, "system_prompt": system_prompt,
+                            "seed": seed}
+    if metrics:
+        data["metrics"] = metrics
+    if not toxicity or any(_typed(ctx, n) for n in ("temperature", "top_p")):
+        data["sampling"] = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+    if toxicity and not _typed(ctx, "k"):
+        del data["k"]
+    cfg = build(ProfileConfig, data, "flags")
+    result = run_profile(cfg, out, overwrite=overwrite, progress=not quiet)
+    _print_profile(result)
+
+
+def _print_profile(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = result.summary
+    table = Table(title=f"profile '{result.label}' of {result.model}: {s['samples']} samples "
+                        f"(k={s['k']}, temperature {s['sampling']['temperature']}) -> {result.path}",
+                  title_justify="left")
+    for header in ("metric", "mean", "std", "p5", "median", "p95", "missing"):
+        table.add_column(header, justify="left" if header == "metric" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    for name, m in result.metrics.items():
+        table.add_row(name, fmt(m.get("mean")), fmt(m.get("std")), fmt(m.get("p5")), fmt(m.get("p50")),
+                      fmt(m.get("p95")), str(m["missing"]))
+    console = Console()
+    console.print(table)
+    for name, m in result.metrics.items():
+        tox = m.get("toxicity")
+        if tox and tox["prompts"]:
+            console.print(f"{name}: Expected Maximum Toxicity {tox['expected_maximum_toxicity']:.4f}, "
+                          f"Toxicity Probability {tox['toxicity_probability']:.4f} over {tox['prompts']} prompts")
+
+
+@app.command("compare")
+def compare_profiles(
+    profiles: list[Path] = typer.Argument(..., help="profile run directories; the first is the baseline"),
+    metric: list[str] = typer.Option([], "--metric", "-M", help="only these metrics (repeatable)"),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="also write the table as Markdown here"),
+) -> None:
+    """Compare profiles: means, deltas in percent against the first, paired 95% intervals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from datasteer.inheritance.compare import compare, _fmt_delta, _fmt_mean_std
+    from datasteer.inheritance.profile import load_profile
+    from datasteer.runs import atomic_write_text
+
+    result = compare([load_profile(p) for p in profiles], metric or None)
+    table = Table(title=f"baseline: {result.labels[0]} (paired over prompts; 'noise' = 95% CI contains 0)",
+                  title_justify="left")
+    table.add_column("metric")
+    for lab in result.labels:
+        table.add_column(f"{lab}\nmean ± std", justify="right")
+    for lab in result.labels[1:]:
+        table.add_column(f"{lab}\nvs {result.labels[0]}", justify="right")
+    for r in result.rows:
+        arrow = "" if r.higher_is_better is None else (" ↑" if r.higher_is_better else " ↓")
+        table.add_row(r.metric + arrow, *[_fmt_mean_std(m, s) for m, s in zip(r.means, r.stds)],
+                      *[_fmt_delta(d, p) for d, p in zip(r.delta_pct[1:], r.paired[1:])])
+    Console().print(table)
+    if markdown is not None:
+        atomic_write_text(markdown, result.to_markdown())
+
+
+def _set_value(data: dict[str, Any], assignment: str) -> None:
+    """--set a.b=value: value parsed as YAML (numbers, lists, booleans), path split on dots."""
+    import yaml
+
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE (for example finetune.epochs=1), got '{assignment}'")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section of the recipe")
+        node = node.setdefault(part, {})
+    if isinstance(node, list) and parts[-1].isdigit() and int(parts[-1]) < len(node):
+        node[int(parts[-1])] = value
+    elif isinstance(node, dict):
+        node[parts[-1]] = value
+    else:
+        raise ConfigError(f"--set {key}: the parent is not a section of the recipe")
+
+
+def run_inherit(recipe: Path, out: Path, overrides: list[str], overwrite: bool, quiet: bool) -> None:
+    from datasteer.config import InheritConfig, build, load_recipe
+    from datasteer.inheritance.pipeline import inherit as run_pipeline
+
+    data = load_recipe(recipe)
+    for item in overrides:
+        _set_value(data, item)
+    cfg = build(InheritConfig, data, f"recipe {recipe}")
+    result = run_pipeline(cfg, out, overwrite=overwrite, progress=not quiet)
+    typer.echo(f"report: {result.report}")
+    for line in result.headline():
+        typer.echo(line)
+
+
+@app.command()
+def inherit(
+    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<recipe name>)"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe value: KEY=VALUE, dotted keys "
+                                                     "(e.g. finetune.epochs=1, teachers.0.k=2); repeatable"),
+    overwrite: bool = typer.Option(False, help="discard an existing run in --out made with another config"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Active inheritance end to end: generate, score, select (active and random), fine-tune, profile, report."""
+    run_inherit(recipe, out or Path("runs") / recipe.stem, set_, overwrite, quiet)
+
+
+demo_app = typer.Typer(help="Demos on the embedded model, sized for a CPU.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.command("inherit")
+def demo_inherit(
+    out: Path = typer.Option(Path("runs/demo-inherit"), "--out", "-o", help="run directory"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe value: KEY=VALUE (repeatable)"),
+    overwrite: bool = typer.Option(False, help="discard an existing run in --out made with another config"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """The CPU demo of active inheritance (recipes/demo-inherit.yaml) on the embedded SmolLM2."""
+    from datasteer.recipes import recipe_path
+
+    run_inherit(recipe_path("demo-inherit"), out, set_, overwrite, quiet)
+
+
 @app.command("metrics")
 def list_metrics() -> None:
     """List the metrics `score` understands, with their parameters."""

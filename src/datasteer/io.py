@@ -17,6 +17,26 @@ from datasteer.errors import InputError, MissingDependencyError
 from datasteer.runs import sha256_file
 
 HF_PREFIX = "hf:"
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "prompts"
+
+
+def builtin_prompt_sets() -> dict[str, Path]:
+    """Prompt sets shipped in the package, by name (`builtin:NAME`)."""
+    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.jsonl"))}
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A file path, with `builtin:NAME` turned into the shipped prompt set of that name."""
+    text = str(path)
+    if text.startswith(BUILTIN_PREFIX):
+        name = text[len(BUILTIN_PREFIX):]
+        sets = builtin_prompt_sets()
+        if name not in sets:
+            raise InputError(f"unknown built-in prompt set '{name}'; available: "
+                             + ", ".join(f"{BUILTIN_PREFIX}{n}" for n in sets))
+        return sets[name]
+    return Path(path)
 
 
 @dataclass(frozen=True)
@@ -26,8 +46,8 @@ class Prompt:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a .jsonl/.json/.parquet/.csv file as dicts."""
-    path = Path(path)
+    """Rows of a .jsonl/.json/.parquet/.csv file (or a `builtin:` prompt set) as dicts."""
+    path = resolve_path(path)
     if not path.exists():
         raise InputError(f"file not found: {path}")
     if path.is_dir():
@@ -156,5 +176,5 @@ def describe_input(config: PromptsConfig, prompts: list[Prompt]) -> dict[str, An
     """What a manifest records about the prompt source, so that a changed file is noticed on resume."""
     info: dict[str, Any] = {"path": config.path, "rows": len(prompts)}
     if not config.path.startswith(HF_PREFIX):
-        info["sha256"] = sha256_file(config.path)
+        info["sha256"] = sha256_file(resolve_path(config.path))
     return info

@@ -38,6 +38,11 @@ class Tracker:
         if self._progress is not None:
             self._progress.update(self._task, advance=rows, tokens=self.tokens)
 
+    def set_total(self, total: int, done: int = 0) -> None:
+        """For work whose size is known only once it starts (e.g. optimizer steps of a trainer)."""
+        if self._progress is not None:
+            self._progress.update(self._task, total=total, completed=done)
+
     def describe(self, text: str) -> None:
         if self._progress is not None:
             self._progress.update(self._task, description=text)

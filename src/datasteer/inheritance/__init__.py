@@ -1,0 +1,1 @@
+"""Active inheritance: select, fine-tune, profile, compare and the `inherit` pipeline."""

@@ -1,0 +1,250 @@
+"""`finetune`: supervised fine-tuning of a student on selected rows, with TRL's SFTTrainer.
+
+Each row becomes one training sequence, tokenised here rather than by TRL so that it matches
+generation exactly:
+
+    chat_template(system?, user=prompt, add_generation_prompt=True)  -> labels -100 (no loss)
+    completion tokens [+ end-of-turn]                                -> trained on
+
+The prompt is rendered by the same `encode_prompts` path that generated the candidates, so the
+student is trained on the context it will see at inference. The end-of-turn token is appended
+only to completions that ended by themselves: a candidate cut at `max_new_tokens`
+(`finish_reason == "length"`) or by `max_length` here gets none, so the student is not taught to
+stop in the middle of a sentence.
+
+Run directory: `checkpoints/` (Trainer checkpoints: weights, optimizer, scheduler, RNG; a rerun
+resumes from the newest), `model/` (the final model, LoRA merged into the weights, with its
+tokenizer: any command loads it by path), `training.json` (loss per step, settings, counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasteer.config import FinetuneConfig, fingerprint
+from datasteer.errors import InputError, optional_import
+from datasteer.io import read_rows
+from datasteer.models import _publish, load_model
+from datasteer.progress import track
+from datasteer.runs import Run, atomic_write_json, sha256_file
+
+MODEL_DIR = "model"
+CHECKPOINTS_DIR = "checkpoints"
+TRAINING_FILE = "training.json"
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    model_dir: Path
+    examples: int
+    steps: int
+    final_loss: float | None
+    seconds: float
+    resumed_from: str | None
+    log: list[dict[str, Any]]
+
+
+def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, config: FinetuneConfig) -> tuple[list[dict], dict]:
+    """(examples with input_ids/labels, counts): prompt tokens masked, EOS only on finished completions."""
+    from datasteer.generation.transformers_backend import encode_prompts
+
+    eos = tokenizer.eos_token_id
+    examples: list[dict[str, list[int]]] = []
+    counts = {"rows": len(rows), "cut_at_generation": 0, "cut_at_max_length": 0, "prompt_too_long": 0,
+              "trained_tokens": 0}
+    for i, row in enumerate(rows, 1):
+        prompt, completion = row.get(config.prompt_field), row.get(config.completion_field)
+        for name, value in ((config.prompt_field, prompt), (config.completion_field, completion)):
+            if not isinstance(value, str):
+                what = "has no" if name not in row else "has a non-text"
+                raise InputError(f"{config.input}: row {i} {what} '{name}' field; name the columns with "
+                                 "--prompt-field / --completion-field")
+        if not completion.strip():
+            raise InputError(f"{config.input}: row {i} has an empty completion; drop it before fine-tuning")
+        prompt_ids = encode_prompts(tokenizer, [prompt], config.system_prompt)["input_ids"][0].tolist()
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        finished = row.get("finish_reason") != "length"
+        if not finished:
+            counts["cut_at_generation"] += 1
+        if finished and eos is not None:
+            completion_ids = completion_ids + [eos]
+        room = config.max_length - len(prompt_ids)
+        if room < 1:
+            counts["prompt_too_long"] += 1
+            continue
+        if len(completion_ids) > room:
+            completion_ids = completion_ids[:room]  # cut: the end-of-turn token goes with the cut tail
+            counts["cut_at_max_length"] += 1
+        examples.append({"input_ids": prompt_ids + completion_ids,
+                         "labels": [-100] * len(prompt_ids) + completion_ids})
+        counts["trained_tokens"] += len(completion_ids)
+    if not examples:
+        raise InputError(f"{config.input}: no row fits in max_length={config.max_length} tokens; raise --max-length")
+    return examples, counts
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    found = [(int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def _layer_stack(model: Any) -> tuple[str, Any]:
+    """(dotted name, ModuleList) of the model's transformer blocks (model.layers, transformer.h, ...)."""
+    import torch
+
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return name, module
+    raise InputError(f"cannot find the transformer layers of {type(model).__name__}; leave train_layers unset")
+
+
+def restrict_to_last_layers(model: Any, n: int) -> list[int]:
+    """Freeze everything but the last n transformer blocks (and the final norm); returns their indices."""
+    name, layers = _layer_stack(model)
+    if n > len(layers):
+        raise InputError(f"train_layers={n} but the model has {len(layers)} layers")
+    keep = list(range(len(layers) - n, len(layers)))
+    prefixes = tuple(f"{name}.{i}." for i in keep)
+    for pname, param in model.named_parameters():
+        module = pname.rsplit(".", 1)[0].split(".")[-1]
+        final_norm = not pname.startswith(name + ".") and ("norm" in module or module == "ln_f")
+        param.requires_grad = pname.startswith(prefixes) or final_norm
+    return keep
+
+
+def _progress_callback(tracker: Any) -> Any:
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # resumed steps count as done
+            self.last = state.global_step
+            tracker.set_total(state.max_steps, state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            tracker.advance(state.global_step - self.last)
+            self.last = state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                tracker.describe(f"finetune (loss {logs['loss']:.3f})")
+
+    return Progress()
+
+
+def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+             loaded: Any = None) -> FinetuneResult:
+    """Fine-tune `config.model` on `config.input` into the run directory `out` (resumable)."""
+    rows = read_rows(config.input)
+    if not rows:
+        raise InputError(f"{config.input} has no rows to fine-tune on")
+    optional_import("trl", "fine-tuning", "pip install 'datasteer[train]'")
+    if config.method == "lora":
+        optional_import("peft", "LoRA fine-tuning", "pip install 'datasteer[train]'")
+    run = Run.prepare(out, stage="finetune", config=fingerprint(config),
+                      inputs={"rows": {"path": str(Path(config.input).resolve()), "sha256": sha256_file(config.input),
+                                       "rows": len(rows)}},
+                      seed=config.seed, overwrite=overwrite)
+    model_dir = run.path / MODEL_DIR
+    if run.exists and (model_dir / ".complete").is_file():
+        info = json.loads((run.path / TRAINING_FILE).read_text(encoding="utf-8"))
+        return FinetuneResult(run_dir=run.path, model_dir=model_dir, examples=info["examples"], steps=info["steps"],
+                              final_loss=info["final_loss"], seconds=0.0, resumed_from="complete", log=info["log"])
+
+    if loaded is None:
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    examples, counts = tokenize_rows(rows, tokenizer, config)
+
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    run.ensure_created()
+    checkpoints = run.path / CHECKPOINTS_DIR
+    steps_per_epoch = math.ceil(len(examples) / (config.batch_size * config.gradient_accumulation))
+    args = SFTConfig(
+        output_dir=str(checkpoints),
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=config.save_steps or steps_per_epoch,
+        save_total_limit=1,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=str(model.device) == "cpu",
+        bf16=config.dtype == "bfloat16",
+        gradient_checkpointing=False,
+        max_length=None,  # tokenize_rows already cut to config.max_length
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if config.method == "lora":
+        from peft import LoraConfig
+
+        targets: Any = config.lora_target_modules
+        layers = None
+        if config.train_layers is not None:
+            _, stack = _layer_stack(model)
+            layers = list(range(len(stack) - config.train_layers, len(stack)))
+            if isinstance(targets, str):  # peft needs explicit module names to restrict layers
+                targets = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                                  if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head"})
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                 target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM")
+    elif config.train_layers is not None:
+        restrict_to_last_layers(model, config.train_layers)
+    model.train()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                         processing_class=tokenizer, peft_config=peft_config)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout; the progress bar shows the loss instead
+    resume = _latest_checkpoint(checkpoints)
+    start = time.perf_counter()
+    with track("finetune", 1, enabled=progress, unit="steps", tokens=False) as tracker:
+        trainer.add_callback(_progress_callback(tracker))
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - start
+
+    trained = trainer.model
+    if config.method == "lora":
+        trained = trained.merge_and_unload()
+    trained.eval()
+    trained.to(torch.float32 if config.dtype == "float32" else torch.bfloat16)
+
+    def save(tmp: Path) -> None:
+        trained.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        trained.generation_config.save_pretrained(tmp)
+
+    log = [{k: v for k, v in entry.items()} for entry in trainer.state.log_history if "loss" in entry]
+    final_loss = log[-1]["loss"] if log else None
+    info = {"examples": len(examples), "steps": trainer.state.global_step, "epochs": config.epochs,
+            "final_loss": final_loss, "seconds": seconds, "resumed_from": resume.name if resume else None,
+            **counts, "log": log}
+    atomic_write_json(run.path / TRAINING_FILE, info)
+    _publish(model_dir, save)
+    if not config.keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    run.finish({"examples": len(examples), "steps": trainer.state.global_step, "final_loss": final_loss,
+                "model": MODEL_DIR, **counts})
+    return FinetuneResult(run_dir=run.path, model_dir=model_dir, examples=len(examples),
+                          steps=trainer.state.global_step, final_loss=final_loss, seconds=seconds,
+                          resumed_from=resume.name if resume else None, log=log)

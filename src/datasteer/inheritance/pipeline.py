@@ -1,0 +1,140 @@
+"""`inherit`: the whole active-inheritance experiment in one resumable run directory.
+
+    generate/          k candidates per prompt from every teacher
+    score/             every metric on every candidate
+    select-active/     the best candidate per prompt by the recipe's objectives
+    select-random/     a random candidate per prompt (passive inheritance: nobody steers)
+    finetune-active/   the student fine-tuned on select-active (model/ inside)
+    finetune-random/   the student fine-tuned on select-random
+    profile-base/      the untouched student on held-out prompts
+    profile-random/    ...after training on the random selection
+    profile-active/    ...after training on the active selection
+    report.md, results.json, plots/
+
+Every stage is its own run directory and resumes by itself, so a killed pipeline started again
+redoes nothing that finished. The comparison is paired over the held-out prompts: active against
+random is the effect of *selecting*, random against base the effect of training on the teacher at
+all.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from datasteer.config import GenerateConfig, InheritConfig, ScoreConfig, SelectConfig, fingerprint
+from datasteer.generation.runner import generate
+from datasteer.inheritance.compare import Comparison, compare
+from datasteer.inheritance.finetune import finetune
+from datasteer.inheritance.profile import Profile, profile
+from datasteer.inheritance.select import select
+from datasteer.io import describe_input, read_prompts
+from datasteer.metrics.base import build_scorers, parse_metrics
+from datasteer.metrics.runner import score
+from datasteer.runs import Run, atomic_write_json
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+
+
+@dataclass
+class InheritResult:
+    run_dir: Path
+    report: Path
+    comparison: Comparison
+    profiles: list[Profile]
+    objectives: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage in this call
+
+    def headline(self) -> list[str]:
+        """One line per objective column: base, random, active means and the paired effect of selecting."""
+        from datasteer.report.markdown import headline_lines, objective_columns
+
+        return headline_lines(self.comparison, objective_columns(self.objectives))
+
+
+def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+            console: Console | None = None) -> InheritResult:
+    """Run the active-inheritance pipeline of `config` into `out` (rerun to resume)."""
+    console = console or Console(stderr=True)
+    out = Path(out)
+    # Validate what can be validated before any model loads: prompts, metrics, optional extras.
+    prompts = read_prompts(config.prompts)
+    eval_prompts = read_prompts(config.eval_prompts)
+    overlap = {p.prompt for p in prompts} & {p.prompt for p in eval_prompts}
+    if overlap:
+        from datasteer.errors import InputError
+
+        raise InputError(f"{len(overlap)} held-out prompt(s) also appear in the training prompts (e.g. "
+                         f"'{sorted(overlap)[0][:60]}'); profiles must use prompts the student was not trained on")
+    specs = [str(s) for s in parse_metrics(config.metrics)]
+    build_scorers(specs)
+    run = Run.prepare(out, stage="inherit", config=fingerprint(config),
+                      inputs={"prompts": describe_input(config.prompts, prompts),
+                              "eval_prompts": describe_input(config.eval_prompts, eval_prompts)},
+                      seed=config.seed, overwrite=overwrite)
+    run.ensure_created()
+    seconds: dict[str, float] = {}
+    arms = ["active"] + (["random"] if config.random_baseline else [])
+    steps = 3 + len(arms) * 2 + 1 + len(arms) + 1
+    counter = iter(range(1, steps + 1))
+
+    def stage(name: str) -> Any:
+        console.rule(f"[bold]inherit {next(counter)}/{steps}: {name}")
+        return _Timer(seconds, name)
+
+    with stage("generate"):
+        gen = generate(GenerateConfig(prompts=config.prompts, teachers=config.teachers, seed=config.seed),
+                       out / "generate", overwrite=overwrite, progress=progress)
+    with stage("score"):
+        scored = score(ScoreConfig(input=str(gen.candidates_path), metrics=specs), out / "score",
+                       overwrite=overwrite, progress=progress)
+    selected: dict[str, Path] = {}
+    for arm in arms:
+        with stage(f"select ({arm})"):
+            spec = config.selection.model_dump()
+            if arm == "random":
+                spec.update(objectives=["random"], combine="weighted")
+            sel = select(SelectConfig(input=str(scored.scored_path), seed=config.seed,
+                                      report_columns=[c for c in scored.columns], **spec),
+                         out / f"select-{arm}", overwrite=overwrite)
+            selected[arm] = sel.selected_path
+            console.print(f"{arm}: {sel.selected} prompts selected, {sel.dropped} dropped")
+    models: dict[str, str] = {"base": config.student}
+    for arm in arms:
+        with stage(f"finetune ({arm})"):
+            ft = finetune(config.finetune_config(str(selected[arm])), out / f"finetune-{arm}", overwrite=overwrite,
+                          progress=progress)
+            models[arm] = str(ft.model_dir)
+    profiles: list[Profile] = []
+    for label in ["base", *arms[::-1]]:  # base, random, active: the table reads left to right
+        with stage(f"profile ({label})"):
+            profiles.append(profile(config.profile_config(models[label], label), out / f"profile-{label}",
+                                    overwrite=overwrite, progress=progress))
+    with stage("report"):
+        from datasteer.report.markdown import write_inherit_report
+
+        comparison = compare(profiles)
+        report = write_inherit_report(config, out, profiles, comparison)
+        atomic_write_json(out / RESULTS_FILE, {"comparison": comparison.to_json(),
+                                               "objectives": config.selection.objectives,
+                                               "seconds_this_call": seconds})
+    run.finish({"report": REPORT_FILE, "results": RESULTS_FILE, "seconds_this_call": seconds})
+    return InheritResult(run_dir=out, report=report, comparison=comparison, profiles=profiles,
+                         objectives=list(config.selection.objectives), seconds=seconds)
+
+
+class _Timer:
+    def __init__(self, seconds: dict[str, float], name: str):
+        self.seconds, self.name = seconds, name
+
+    def __enter__(self) -> _Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds[self.name] = round(time.perf_counter() - self.start, 2)

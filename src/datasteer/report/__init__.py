@@ -1,0 +1,1 @@
+"""Reports: plots (matplotlib, written as PNG into a run directory) and Markdown."""
