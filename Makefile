@@ -1,12 +1,12 @@
 # Two commands for a fresh machine:
-#   make demo   set up, then generate candidates with the embedded SmolLM2-135M-Instruct
+#   make demo   set up, then run the active-inheritance CPU demo on the embedded SmolLM2-135M-Instruct
 #   make test   set up, then run the whole test suite offline
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.datasteer-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-generate test bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/datasteer demo inherit --out runs/demo-inherit
+
+demo-generate: $(STAMP)
 	$(BIN)/datasteer generate --config recipes/demo-generate.yaml --out runs/demo-generate
 	$(BIN)/datasteer score runs/demo-generate/candidates.jsonl --metrics mtld,length,readability,toxicity --out runs/demo-score
 

@@ -190,7 +190,7 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
         disable_tqdm=True,
         use_cpu=str(model.device) == "cpu",
         bf16=config.dtype == "bfloat16",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # small models: recomputation costs more than it saves
         max_length=None,  # tokenize_rows already cut to config.max_length
         dataloader_num_workers=0,
     )
