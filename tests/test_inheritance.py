@@ -2,7 +2,6 @@
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -43,7 +42,8 @@ def test_tokenize_masks_the_prompt_and_ends_only_finished_completions():
         assert tok.decode([t for t in trained if t != eos]) == row["completion"]
     assert counts["cut_at_generation"] == 1 and counts["rows"] == 4
     # max_length cuts the completion (and with it the end-of-turn token)
-    short, counts = tokenize_rows(ROWS[:1], tok, FinetuneConfig(input="x", max_length=len(examples[0]["input_ids"]) - 2))
+    tight = FinetuneConfig(input="x", max_length=len(examples[0]["input_ids"]) - 2)
+    short, counts = tokenize_rows(ROWS[:1], tok, tight)
     assert short[0]["labels"][-1] != eos and counts["cut_at_max_length"] == 1
     with pytest.raises(InputError, match="no row fits"):
         tokenize_rows(ROWS[:1], tok, FinetuneConfig(input="x", max_length=8))
@@ -78,7 +78,8 @@ def test_finetune_lowers_the_loss_and_saves_a_loadable_model(tmp_path, method):
     assert diff > 0
     if method == "lora":  # only layer 1 (the last of 2) got adapters: layer 0 is untouched
         sd_t, sd_b = trained.model.state_dict(), base.model.state_dict()
-        assert torch.equal(sd_t["model.layers.0.self_attn.q_proj.weight"], sd_b["model.layers.0.self_attn.q_proj.weight"])
+        q0 = "model.layers.0.self_attn.q_proj.weight"
+        assert torch.equal(sd_t[q0], sd_b[q0])
         assert not torch.equal(sd_t["model.layers.1.self_attn.q_proj.weight"],
                                sd_b["model.layers.1.self_attn.q_proj.weight"])
     info = json.loads((tmp_path / "ft" / "training.json").read_text())
@@ -132,6 +133,7 @@ def test_profile_and_compare(tmp_path):
     prompts = write_prompts(tmp_path / "eval.jsonl", ["Say hi.", "Name a fruit.", "Count to three.", "Why?"])
     cfg = ProfileConfig(model=TINY, prompts={"path": str(prompts)}, label="base",
                         metrics=["length", "mtld"], sampling={"temperature": 0.0, "max_new_tokens": 12})
+    # (a tiny random model writes sub-word noise: few whitespace words, but tokens)
     base = profile(cfg, tmp_path / "p-base", progress=False)
     assert base.label == "base" and len(base.rows) == 4 and base.summary["k"] == 1
     assert {"length_words", "mtld"} <= set(base.metrics)
@@ -144,10 +146,10 @@ def test_profile_and_compare(tmp_path):
     other = profile(cfg.model_copy(update={"model": "tiny:llama?seed=3", "label": "other"}), tmp_path / "p-other",
                     progress=False)
     result = compare([load_profile(tmp_path / "p-base"), same, other])
-    row = result.row("length_words")
-    assert row.delta_pct[0] == 0.0 and row.delta_pct[1] == 0.0
+    row = result.row("length_tokens")
+    assert row.means[0] > 0 and row.delta_pct[0] == 0.0 and row.delta_pct[1] == 0.0
     assert row.paired[1].mean == 0.0 and not row.paired[1].significant
-    assert "| length_words" in result.to_markdown()
+    assert "| length_tokens" in result.to_markdown()
     # sampling mode with k samples per prompt
     tox = ProfileConfig(model=TINY, prompts={"path": str(prompts)}, metrics=["length"], toxicity=True, k=3,
                         sampling={"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 6})

@@ -176,7 +176,8 @@ def test_select_writes_run_and_empty_selection_writes_nothing(tmp_path):
     assert [r["completion"] for r in got] == ["p-a-1"]
     assert json.loads((tmp_path / "sel" / "dropped.jsonl").read_text())["prompt_id"] == "q"
     summary = json.loads((tmp_path / "sel" / "summary.json").read_text())
-    assert summary["columns"]["mtld"]["candidates"]["mean"] == 2.0 and summary["columns"]["mtld"]["selected"]["mean"] == 2.0
+    shift = summary["columns"]["mtld"]
+    assert shift["candidates"]["mean"] == 2.0 and shift["selected"]["mean"] == 2.0
     assert result.dropped == 1 and summary["dropped_reasons"] == {"all candidates fail length<50": 1}
     with pytest.raises(InputError, match="selection is empty"):
         select(cfg(input=str(src), objectives=["mtld:max"], constraints=["length>1000"]), tmp_path / "empty")

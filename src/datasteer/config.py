@@ -256,7 +256,8 @@ class ProfileConfig(StrictModel):
 
     model: str = Field(..., description="model spec: embedded:smollm2, a fine-tuned run's model/ directory, an HF id")
     prompts: PromptsConfig
-    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$", description="name in tables (default: from the model)")
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$",
+                              description="name in tables (default: from the model)")
     metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_PROFILE_METRICS))
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0))
     k: int = Field(1, ge=1, description="samples per prompt")
@@ -336,8 +337,12 @@ class InheritConfig(StrictModel):
         for key in ("model", "prompts", "metrics"):
             if key in self.profile:
                 raise ValueError(f"profile.{key} is set by the pipeline (student, eval_prompts, metrics)")
-        self.finetune_config("-")
-        self.profile_config(self.student, "base")
+        for section, make in (("finetune", lambda: self.finetune_config("-")),
+                              ("profile", lambda: self.profile_config(self.student, "base"))):
+            try:
+                make()
+            except ValidationError as err:
+                raise ValueError(f"{section}.{describe_validation_error(err)}") from None
         return self
 
     def finetune_config(self, input: str) -> FinetuneConfig:

@@ -72,7 +72,7 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
         raise InputError(f"{len(overlap)} held-out prompt(s) also appear in the training prompts (e.g. "
                          f"'{sorted(overlap)[0][:60]}'); profiles must use prompts the student was not trained on")
     specs = [str(s) for s in parse_metrics(config.metrics)]
-    build_scorers(specs)
+    _check_selection_columns(config, [s.name for s in build_scorers(specs)])
     run = Run.prepare(out, stage="inherit", config=fingerprint(config),
                       inputs={"prompts": describe_input(config.prompts, prompts),
                               "eval_prompts": describe_input(config.eval_prompts, eval_prompts)},
@@ -126,6 +126,28 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
     run.finish({"report": REPORT_FILE, "results": RESULTS_FILE, "seconds_this_call": seconds})
     return InheritResult(run_dir=out, report=report, comparison=comparison, profiles=profiles,
                          objectives=list(config.selection.objectives), seconds=seconds)
+
+
+# numeric columns every candidate row has before scoring
+CANDIDATE_NUMBERS = ("prompt_tokens", "completion_tokens", "sample_index", "seed")
+
+
+def _check_selection_columns(config: InheritConfig, metric_columns: list[str]) -> None:
+    """Objectives and constraints must name columns that scoring will produce: fail before any model loads."""
+    import difflib
+
+    from datasteer.errors import ConfigError
+    from datasteer.inheritance.select import parse_constraint, parse_objective
+
+    known = [*metric_columns, *CANDIDATE_NUMBERS]
+    wanted = [parse_objective(o).column for o in config.selection.objectives]
+    wanted += [parse_constraint(c).column for c in config.selection.constraints]
+    for column in wanted:
+        if column not in known:
+            close = difflib.get_close_matches(column, known, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"selection names column '{column}', which the recipe's metrics do not produce; {hint}"
+                              f"columns: {', '.join(known)} (add its metric to 'metrics')")
 
 
 class _Timer:
