@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from datasteer.inheritance.compare import Comparison, paired_difference, per_prompt_means
+from datasteer.inheritance.compare import Comparison, _fmt, paired_difference, per_prompt_means
 from datasteer.inheritance.profile import Profile
 from datasteer.inheritance.select import parse_objective
 from datasteer.runs import atomic_write_text
@@ -18,10 +18,6 @@ MAX_DISTRIBUTIONS = 6
 def objective_columns(objectives: list[str]) -> list[tuple[str, str]]:
     """(column, direction) of each objective ('random' has none)."""
     return [(o.column, o.direction) for o in map(parse_objective, objectives) if objectives != ["random"]]
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else (f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}")
 
 
 def headline_lines(comparison: Comparison, objectives: list[tuple[str, str]]) -> list[str]:
