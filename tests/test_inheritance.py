@@ -284,3 +284,22 @@ def test_every_shipped_recipe_validates_and_prompt_sets_are_disjoint():
     held = [r["prompt"] for r in read_rows(sets["instructions-heldout"])]
     assert len(set(train)) == len(train) >= 200 and len(set(held)) == len(held) >= 100
     assert not set(train) & set(held)
+
+
+@pytest.mark.parametrize("where, spec, words", [
+    ("student", "./no-such-dir/model", "model directory not found"),
+    ("teacher", "tiny:nope", "unknown tiny architecture"),
+    ("teacher", "no-such-org/no-such-model", "could not load model"),  # fails only when generation loads it
+])
+def test_cli_inherit_bad_model_leaves_nothing(tmp_path, where, spec, words):
+    import yaml
+
+    recipe = tiny_recipe(tmp_path)
+    if where == "student":
+        recipe["student"] = spec
+    else:
+        recipe["teachers"][0]["model"] = spec
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    _assert_user_error(run_cli("inherit", str(path), "--out", str(out), "-q"), words, out)

@@ -107,15 +107,16 @@ class ScoreConfig(StrictModel):
     id_field: str = Field("prompt_id", description="groups samples of one prompt (toxicity EMT / TP)")
     chunk_size: int = Field(256, ge=1, description="rows per resumable unit of work")
 
-    @field_validator("metrics", mode="before")
-    @classmethod
-    def _split_metrics(cls, value: Any) -> Any:
-        # "mtld,toxicity[backend=detoxify,device=cpu]" (a flag or a recipe string) -> one spec per metric
-        if isinstance(value, str):
-            from datasteer.metrics.base import parse_metrics
+    _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: split_metric_specs(v)))
 
-            return [str(spec) for spec in parse_metrics(value)]
-        return value
+
+def split_metric_specs(value: Any) -> Any:
+    """"mtld,toxicity[backend=detoxify,device=cpu]" (a flag or a recipe string) -> one spec per metric."""
+    if isinstance(value, str):
+        from datasteer.metrics.base import parse_metrics
+
+        return [str(spec) for spec in parse_metrics(value)]
+    return value
 
 
 def fingerprint(config: BaseModel) -> dict[str, Any]:
@@ -269,7 +270,7 @@ class ProfileConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
 
-    _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: _split_list(v)))
+    _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: split_metric_specs(v)))
 
     @model_validator(mode="after")
     def _toxicity_mode(self) -> ProfileConfig:
@@ -325,7 +326,7 @@ class InheritConfig(StrictModel):
     finetune: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig fields (not input/model)")
     profile: dict[str, Any] = Field(default_factory=dict, description="ProfileConfig fields (not model/prompts)")
 
-    _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: _split_list(v)))
+    _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: split_metric_specs(v)))
 
     @model_validator(mode="after")
     def _parts(self) -> InheritConfig:

@@ -19,6 +19,7 @@ all.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from datasteer.inheritance.select import select
 from datasteer.io import describe_input, read_prompts
 from datasteer.metrics.base import build_scorers, parse_metrics
 from datasteer.metrics.runner import score
+from datasteer.models import parse_spec
 from datasteer.runs import Run, atomic_write_json
 
 RESULTS_FILE = "results.json"
@@ -73,18 +75,34 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
                          f"'{sorted(overlap)[0][:60]}'); profiles must use prompts the student was not trained on")
     specs = [str(s) for s in parse_metrics(config.metrics)]
     _check_selection_columns(config, [s.name for s in build_scorers(specs)])
+    for spec in [t.model for t in config.teachers if t.backend != "openai"] + [config.student]:
+        parse_spec(spec)  # unknown embedded/tiny names and missing local directories fail here
     run = Run.prepare(out, stage="inherit", config=fingerprint(config),
                       inputs={"prompts": describe_input(config.prompts, prompts),
                               "eval_prompts": describe_input(config.eval_prompts, eval_prompts)},
                       seed=config.seed, overwrite=overwrite)
+    created_now = not run.exists
     run.ensure_created()
+    try:
+        return _run_stages(config, out, run, specs, overwrite, progress, console)
+    except BaseException:
+        # A failure before any stage wrote anything (e.g. a hub model that cannot be loaded) leaves no
+        # directory behind; once a stage has output, the directory stays so that a rerun resumes.
+        if created_now and [p.name for p in out.iterdir()] == ["manifest.json"]:
+            shutil.rmtree(out)
+        raise
+
+
+def _run_stages(config: InheritConfig, out: Path, run: Run, specs: list[str], overwrite: bool, progress: bool,
+                console: Console) -> InheritResult:
     seconds: dict[str, float] = {}
     arms = ["active"] + (["random"] if config.random_baseline else [])
     steps = 3 + len(arms) * 2 + 1 + len(arms) + 1
     counter = iter(range(1, steps + 1))
 
     def stage(name: str) -> Any:
-        console.rule(f"[bold]inherit {next(counter)}/{steps}: {name}")
+        if progress:  # quiet: nothing on stderr but a possible error line
+            console.rule(f"[bold]inherit {next(counter)}/{steps}: {name}")
         return _Timer(seconds, name)
 
     with stage("generate"):
@@ -103,7 +121,8 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
                                       report_columns=[c for c in scored.columns], **spec),
                          out / f"select-{arm}", overwrite=overwrite)
             selected[arm] = sel.selected_path
-            console.print(f"{arm}: {sel.selected} prompts selected, {sel.dropped} dropped")
+            if progress:
+                console.print(f"{arm}: {sel.selected} prompts selected, {sel.dropped} dropped")
     models: dict[str, str] = {"base": config.student}
     for arm in arms:
         with stage(f"finetune ({arm})"):
