@@ -33,6 +33,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/metrics.py
+	$(BIN)/python benchmarks/finetune.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
