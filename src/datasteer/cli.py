@@ -29,6 +29,20 @@ def _teacher_specs(model: Optional[str], teacher: list[str]) -> list[tuple[str, 
     return specs
 
 
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether the user typed flag `name` (rather than leaving its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _overlay(ctx: typer.Context, data: dict[str, Any], has_recipe: bool, **flags: Any) -> dict[str, Any]:
+    """Flags over a recipe: every flag without a recipe, only the typed ones with one (None = not given)."""
+    for name, value in flags.items():
+        if value is not None and (not has_recipe or _typed(ctx, name)):
+            data[name] = value
+    return data
+
+
 def _default_name(spec: str) -> str:
     name = spec.rstrip("/").split("/")[-1].split(":")[-1].split("?")[0]
     return "".join(c if c.isalnum() or c in "_.-" else "-" for c in name) or "teacher"
@@ -65,10 +79,6 @@ def generate(
     from datasteer.config import GenerateConfig, build, load_recipe
     from datasteer.generation import generate as run_generate
 
-    def given(name: str) -> bool:  # a flag the user typed (not its default)
-        source = ctx.get_parameter_source(name)
-        return source is not None and source.name == "COMMANDLINE"
-
     if config is not None:
         data: dict[str, Any] = load_recipe(config)
         data.setdefault("prompts", {})
@@ -78,7 +88,7 @@ def generate(
             data["prompts"]["path"] = prompts
         for name, value in (("prompt_field", prompt_field), ("id_field", id_field), ("split", split),
                             ("limit", limit)):
-            if given(name):
+            if _typed(ctx, name):
                 data["prompts"][name] = value
         if seed is not None:
             data["seed"] = seed
@@ -132,11 +142,8 @@ def score(
     from datasteer.metrics import score as run_score
 
     data: dict[str, Any] = load_recipe(config) if config is not None else {}
-    for name, value in (("text_field", text_field), ("prompt_field", prompt_field), ("id_field", id_field),
-                        ("chunk_size", chunk_size)):
-        source = ctx.get_parameter_source(name)
-        if config is None or (source is not None and source.name == "COMMANDLINE"):
-            data[name] = value
+    _overlay(ctx, data, config is not None, text_field=text_field, prompt_field=prompt_field, id_field=id_field,
+             chunk_size=chunk_size)
     if input:
         data["input"] = input
     if metrics:
@@ -173,20 +180,6 @@ def _print_score_summary(result: Any) -> None:
         if s["missing"]:
             console.print(f"[yellow]note:[/yellow] {name} has no value for {s['missing']} of {result.rows} rows "
                           "(kept as null; see the metric's definition in `datasteer metrics`)")
-
-
-def _typed(ctx: typer.Context, name: str) -> bool:
-    """Whether the user typed flag `name` (rather than leaving its default)."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name == "COMMANDLINE"
-
-
-def _overlay(ctx: typer.Context, data: dict[str, Any], has_recipe: bool, **flags: Any) -> dict[str, Any]:
-    """Flags over a recipe: every flag without a recipe, only the typed ones with one (None = not given)."""
-    for name, value in flags.items():
-        if value is not None and (not has_recipe or _typed(ctx, name)):
-            data[name] = value
-    return data
 
 
 @app.command()
@@ -340,22 +333,18 @@ def compare_profiles(
     from rich.console import Console
     from rich.table import Table
 
-    from datasteer.inheritance.compare import compare, _fmt_delta, _fmt_mean_std
+    from datasteer.inheritance.compare import compare
     from datasteer.inheritance.profile import load_profile
     from datasteer.runs import atomic_write_text
 
     result = compare([load_profile(p) for p in profiles], metric or None)
     table = Table(title=f"baseline: {result.labels[0]} (paired over prompts; 'noise' = 95% CI contains 0)",
                   title_justify="left")
-    table.add_column("metric")
-    for lab in result.labels:
-        table.add_column(f"{lab}\nmean ± std", justify="right")
-    for lab in result.labels[1:]:
-        table.add_column(f"{lab}\nvs {result.labels[0]}", justify="right")
-    for r in result.rows:
-        arrow = "" if r.higher_is_better is None else (" ↑" if r.higher_is_better else " ↓")
-        table.add_row(r.metric + arrow, *[_fmt_mean_std(m, s) for m, s in zip(r.means, r.stds)],
-                      *[_fmt_delta(d, p) for d, p in zip(r.delta_pct[1:], r.paired[1:])])
+    head, rows = result.table()
+    for i, header in enumerate(head):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for cells in rows:
+        table.add_row(*cells)
     Console().print(table)
     if markdown is not None:
         atomic_write_text(markdown, result.to_markdown())

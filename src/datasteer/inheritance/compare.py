@@ -50,16 +50,23 @@ class Comparison:
     def row(self, metric: str) -> MetricRow:
         return next(r for r in self.rows if r.metric == metric)
 
-    def to_markdown(self) -> str:
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """(headers, rows of cells): each profile's mean ± std, then each profile against the first."""
         base = self.labels[0]
         head = ["metric"] + [f"{lab} mean ± std" for lab in self.labels]
         head += [f"{lab} vs {base}" for lab in self.labels[1:]]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        rows = []
         for r in self.rows:
             cells = [r.metric + ("" if r.higher_is_better is None else (" ↑" if r.higher_is_better else " ↓"))]
             cells += [_fmt_mean_std(m, s) for m, s in zip(r.means, r.stds)]
             cells += [_fmt_delta(d, p) for d, p in zip(r.delta_pct[1:], r.paired[1:])]
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append(cells)
+        return head, rows
+
+    def to_markdown(self) -> str:
+        head, rows = self.table()
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in rows]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:

@@ -234,7 +234,7 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
         tokenizer.save_pretrained(tmp)
         trained.generation_config.save_pretrained(tmp)
 
-    log = [{k: v for k, v in entry.items()} for entry in trainer.state.log_history if "loss" in entry]
+    log = [dict(entry) for entry in trainer.state.log_history if "loss" in entry]
     final_loss = log[-1]["loss"] if log else None
     info = {"examples": len(examples), "steps": trainer.state.global_step, "epochs": config.epochs,
             "final_loss": final_loss, "seconds": seconds, "resumed_from": resume.name if resume else None,

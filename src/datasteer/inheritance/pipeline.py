@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
@@ -100,10 +101,13 @@ def _run_stages(config: InheritConfig, out: Path, run: Run, specs: list[str], ov
     steps = 3 + len(arms) * 2 + 1 + len(arms) + 1
     counter = iter(range(1, steps + 1))
 
-    def stage(name: str) -> Any:
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
         if progress:  # quiet: nothing on stderr but a possible error line
             console.rule(f"[bold]inherit {next(counter)}/{steps}: {name}")
-        return _Timer(seconds, name)
+        start = time.perf_counter()
+        yield
+        seconds[name] = round(time.perf_counter() - start, 2)
 
     with stage("generate"):
         gen = generate(GenerateConfig(prompts=config.prompts, teachers=config.teachers, seed=config.seed),
@@ -118,7 +122,7 @@ def _run_stages(config: InheritConfig, out: Path, run: Run, specs: list[str], ov
             if arm == "random":
                 spec.update(objectives=["random"], combine="weighted")
             sel = select(SelectConfig(input=str(scored.scored_path), seed=config.seed,
-                                      report_columns=[c for c in scored.columns], **spec),
+                                      report_columns=list(scored.columns), **spec),
                          out / f"select-{arm}", overwrite=overwrite)
             selected[arm] = sel.selected_path
             if progress:
@@ -153,29 +157,13 @@ CANDIDATE_NUMBERS = ("prompt_tokens", "completion_tokens", "sample_index", "seed
 
 def _check_selection_columns(config: InheritConfig, metric_columns: list[str]) -> None:
     """Objectives and constraints must name columns that scoring will produce: fail before any model loads."""
-    import difflib
-
     from datasteer.errors import ConfigError
-    from datasteer.inheritance.select import parse_constraint, parse_objective
+    from datasteer.inheritance.select import did_you_mean, parse_constraint, parse_objective
 
     known = [*metric_columns, *CANDIDATE_NUMBERS]
     wanted = [parse_objective(o).column for o in config.selection.objectives]
     wanted += [parse_constraint(c).column for c in config.selection.constraints]
     for column in wanted:
         if column not in known:
-            close = difflib.get_close_matches(column, known, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ConfigError(f"selection names column '{column}', which the recipe's metrics do not produce; {hint}"
-                              f"columns: {', '.join(known)} (add its metric to 'metrics')")
-
-
-class _Timer:
-    def __init__(self, seconds: dict[str, float], name: str):
-        self.seconds, self.name = seconds, name
-
-    def __enter__(self) -> _Timer:
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.seconds[self.name] = round(time.perf_counter() - self.start, 2)
+            raise ConfigError(f"selection names column '{column}', which the recipe's metrics do not produce; "
+                              f"{did_you_mean(column, known)}columns: {', '.join(known)} (add its metric to 'metrics')")

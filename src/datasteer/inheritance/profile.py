@@ -90,6 +90,7 @@ def profile(config: ProfileConfig, out: str | Path, *, overwrite: bool = False, 
     scored = score(score_config, run.path / "scores", overwrite=overwrite, progress=progress, scorers=scorers)
     rows_bytes = scored.scored_path.read_bytes()
     run.write_output(PROFILE_ROWS, rows_bytes)
+    tokens = [json.loads(line)["completion_tokens"] for line in rows_bytes.splitlines()]
     summary = {
         "label": config.name,
         "model": config.model,
@@ -99,8 +100,7 @@ def profile(config: ProfileConfig, out: str | Path, *, overwrite: bool = False, 
         "system_prompt": config.system_prompt,
         "seed": config.seed,
         "samples": scored.rows,
-        "mean_completion_tokens": generated.rows and sum(
-            json.loads(line)["completion_tokens"] for line in rows_bytes.splitlines()) / generated.rows,
+        "mean_completion_tokens": sum(tokens) / len(tokens),
         "metrics": scored.summary["metrics"],
     }
     atomic_write_json(run.path / PROFILE_SUMMARY, summary)

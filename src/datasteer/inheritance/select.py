@@ -114,6 +114,12 @@ def _value(row: dict[str, Any], column: str) -> float | None:
     return float(v)
 
 
+def did_you_mean(name: str, known: list[str]) -> str:
+    """"did you mean 'x'? " for the closest known name, or ""."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def _check_columns(rows: list[dict[str, Any]], config: SelectConfig, columns: list[str]) -> None:
     where = config.input
     for need in (config.id_field, config.text_field):
@@ -126,10 +132,9 @@ def _check_columns(rows: list[dict[str, Any]], config: SelectConfig, columns: li
     numeric = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     for column in columns:
         if not any(column in r for r in rows):
-            close = difflib.get_close_matches(column, numeric, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise InputError(f"{where}: no column '{column}' to select on; {hint}numeric columns: "
-                             f"{', '.join(numeric) or 'none'} (score it first: datasteer score ... --metrics {column})")
+            raise InputError(f"{where}: no column '{column}' to select on; {did_you_mean(column, numeric)}numeric "
+                             f"columns: {', '.join(numeric) or 'none'} (score it first: datasteer score ... --metrics "
+                             f"{column})")
         bad = next((i for i, r in enumerate(rows, 1) if r.get(column) is not None
                     and (isinstance(r[column], bool) or not isinstance(r[column], (int, float)))), None)
         if bad is not None:
