@@ -98,7 +98,7 @@ def _run_stages(config: InheritConfig, out: Path, run: Run, specs: list[str], ov
                 console: Console) -> InheritResult:
     seconds: dict[str, float] = {}
     arms = ["active"] + (["random"] if config.random_baseline else [])
-    steps = 3 + len(arms) * 2 + 1 + len(arms) + 1
+    steps = 2 + 2 * len(arms) + (1 + len(arms)) + 1  # generate, score, select+finetune per arm, profiles, report
     counter = iter(range(1, steps + 1))
 
     @contextmanager
