@@ -151,7 +151,14 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a plain dict (validated by the caller's model)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"recipe not found: {path}")
+        from datasteer.recipes import RECIPES_DIR
+
+        if len(path.parts) == 1 and path.suffix in ("", ".yaml"):
+            builtin = RECIPES_DIR / f"{path.stem}.yaml"
+            if builtin.is_file():
+                return load_recipe(builtin)
+        available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise InputError(f"recipe not found: {path} (a file path, or a built-in name: {available})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:

@@ -1,0 +1,98 @@
+"""Configuration of the differentiable fine-tuning that the metagradient engine unrolls."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """'2GB', '512MiB', 1e9 -> bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = _SIZE.match(value)
+    unit = (match.group(2) or "").lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"'{value}' is not a size; write it like 512MB, 2GiB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+class SFTConfig(BaseModel):
+    """How the target is fine-tuned inside `train` and `metagradients`.
+
+    Batch loss = mean over the batch of w_i * loss_i, loss_i = mean next-token cross-entropy over
+    example i's trained tokens. Optimizers follow torch.optim's update rules exactly (SGD with
+    momentum/dampening/Nesterov, Adam with L2 weight decay, AdamW with decoupled weight decay);
+    learning-rate schedules follow transformers' `get_scheduler` (constant, linear, cosine, with
+    linear warm-up). Defaults are the DPG paper's inner loop: AdamW, betas (0.9, 0.95), eps 1e-8,
+    weight decay 1e-4, constant learning rate, one epoch, 128 tokens.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    learning_rate: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    dampening: float = Field(0.0, ge=0, le=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float | None = Field(None, ge=0, description="default: 1e-4 for adamw, 0 otherwise")
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1, description="gradient accumulation; default: batch_size")
+    epochs: int = Field(1, ge=1)
+    shuffle: bool = True
+    seed: int = 0
+    max_length: int = Field(128, ge=2)
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str | None = Field(None, description="default: the device of the model's parameters")
+    trainable: list[str] | None = Field(
+        None, description="regular expressions (re.search) on parameter names to train; default: every parameter "
+                          "that requires grad")
+    checkpoint: Literal["auto", "all", "replay", "disk"] = "auto"
+    replay_k: int | None = Field(None, ge=2, description="branching factor of the replay schedule")
+    memory_budget: int | str | None = Field(
+        None, description="bytes (or '2GB') that stored training states may use; picks the densest schedule")
+    checkpoint_dir: str | None = Field(None, description="directory for checkpoint='disk' (default: a temp dir)")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError("betas must lie in [0, 1)")
+        return value
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, value: int | str | None) -> int | None:
+        return None if value is None else parse_bytes(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SFTConfig":
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size})")
+        if self.optimizer != "sgd" and (self.momentum or self.nesterov or self.dampening):
+            raise ValueError("momentum, dampening and nesterov apply to optimizer 'sgd' only")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening 0 (as torch.optim.SGD)")
+        if self.checkpoint == "all" and self.memory_budget is not None:
+            raise ValueError("memory_budget chooses the schedule; use checkpoint 'auto' or 'replay' with it")
+        return self
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 1e-4 if self.optimizer == "adamw" else 0.0
+
+    @property
+    def resolved_micro_batch_size(self) -> int:
+        return self.micro_batch_size or self.batch_size

@@ -1,0 +1,102 @@
+"""Examples, the data order, micro-batches and the per-example loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from datasteer.errors import InputError
+from datasteer.metagrad.config import SFTConfig
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+@dataclass
+class MicroBatch:
+    index: Tensor          # [m] positions of the examples in the caller's list
+    input_ids: Tensor      # [m, L], right-padded
+    attention_mask: Tensor  # [m, L]
+    labels: Tensor         # [m, L], IGNORE on padding and untrained tokens
+
+
+def prepare_examples(examples: Sequence[Mapping[str, Any]], max_length: int) -> list[Example]:
+    """Validate and truncate: input_ids required, labels optional (default: input_ids), -100 = not trained."""
+    if len(examples) == 0:
+        raise InputError("no examples to train on")
+    prepared = []
+    for i, row in enumerate(examples):
+        if "input_ids" not in row:
+            raise InputError(f"example {i} has no 'input_ids'")
+        ids = [int(t) for t in _as_list(row["input_ids"])]
+        labels = [int(t) for t in _as_list(row["labels"])] if row.get("labels") is not None else list(ids)
+        if len(labels) != len(ids):
+            raise InputError(f"example {i}: labels has {len(labels)} entries, input_ids {len(ids)}")
+        ids, labels = ids[:max_length], labels[:max_length]
+        if not any(label != IGNORE for label in labels[1:]):
+            raise InputError(f"example {i} has no trained token after the first position (within max_length "
+                             f"{max_length}); a loss needs at least one label that is not -100")
+        prepared.append(Example(tuple(ids), tuple(labels)))
+    return prepared
+
+
+def _as_list(value: Any) -> list:
+    if isinstance(value, Tensor):
+        return value.reshape(-1).tolist()
+    return list(value)
+
+
+def step_batches(n_examples: int, config: SFTConfig) -> list[list[int]]:
+    """Example indices of every optimizer step: epochs x batches, shuffled per epoch with a seeded generator."""
+    generator = torch.Generator().manual_seed(config.seed)
+    steps = []
+    for _ in range(config.epochs):
+        order = torch.randperm(n_examples, generator=generator).tolist() if config.shuffle else list(range(n_examples))
+        steps.extend(order[i:i + config.batch_size] for i in range(0, n_examples, config.batch_size))
+    return steps
+
+
+def collate(examples: list[Example], index: list[int], pad_id: int, device: torch.device) -> MicroBatch:
+    rows = [examples[i] for i in index]
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for j, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[j, :n] = torch.tensor(r.input_ids)
+        mask[j, :n] = 1
+        labels[j, :n] = torch.tensor(r.labels)
+    return MicroBatch(torch.tensor(index), ids.to(device), mask.to(device), labels.to(device))
+
+
+def micro_batches(examples: list[Example], step_index: list[int], config: SFTConfig, pad_id: int,
+                  device: torch.device) -> list[MicroBatch]:
+    size = config.resolved_micro_batch_size
+    return [collate(examples, step_index[i:i + size], pad_id, device) for i in range(0, len(step_index), size)]
+
+
+def example_losses(model: torch.nn.Module, tensors: dict[str, Tensor], batch: MicroBatch) -> Tensor:
+    """[m] mean next-token cross-entropy over each example's trained tokens, in the parameters' dtype.
+
+    Computed here rather than by the model's `labels=` path, which upcasts to float32.
+    """
+    out = functional_call(model, tensors, args=(),
+                          kwargs={"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                                  "use_cache": False})
+    logits = out.logits[:, :-1]
+    targets = batch.labels[:, 1:]
+    token_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                                reduction="none").view(targets.shape)
+    counts = (targets != IGNORE).sum(dim=1)
+    return token_nll.sum(dim=1) / counts

@@ -1,0 +1,297 @@
+"""`train` and `metagradients`: fine-tuning unrolled functionally, and its exact reverse pass.
+
+Notation: theta_t, s_t = parameters and optimizer slots before step t; B_t = the examples of step t;
+L_t(theta, w) = sum_{i in B_t} w_i loss_i(theta) / |B_t|; g_t = grad L_t(theta_t); the optimizer step
+(theta_{t+1}, s_{t+1}) = U(theta_t, s_t, g_t, lr_t). The value is V = metric(theta_T).
+
+Reverse pass, from (theta_bar, s_bar) = (grad V(theta_T), 0), for t = T-1 .. 0:
+1. (theta_bar_U, s_bar, g_bar) = VJP of U at (theta_t, s_t, g_t) against (theta_bar, s_bar);
+2. per micro-batch, with u_i = w_i / |B_t| as leaves: G = grad_theta sum_i u_i loss_i (graph kept) and
+   s = <G, g_bar>; one more backward of s gives, at once, d s / d u_i = <grad loss_i(theta_t), g_bar>
+   for every example of the micro-batch and d s / d theta = H_t g_bar (the Hessian-vector product);
+3. dV/dw_i += <grad loss_i, g_bar> / |B_t|; theta_bar = theta_bar_U + H_t g_bar.
+
+Step 2 is the "equivalent" of a forward-mode product the issue allows: the per-example directional
+derivatives come out of the same double-backward that forms the Hessian-vector product.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from datasteer.errors import ConfigError, InputError
+from datasteer.metagrad import checkpoint as ckpt
+from datasteer.metagrad.config import SFTConfig
+from datasteer.metagrad.data import Example, MicroBatch, example_losses, micro_batches, prepare_examples, step_batches
+from datasteer.metagrad.optim import Slots, learning_rates, make_optimizer
+
+Metric = Callable[[torch.nn.Module, dict[str, Tensor]], Tensor]
+Progress = Callable[[int, int, str], None]   # (done, total, phase)
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DOUBLE_BACKWARD_OK = {None, "eager"}
+
+
+@dataclass
+class TrainState:
+    params: list[Tensor]
+    slots: Slots
+
+
+@dataclass
+class MetagradResult:
+    """Outcome of `metagradients`."""
+
+    value: float                      # metric of the trained target
+    scores: Tensor                    # [n] d value / d weights_i, float64 on CPU
+    params: dict[str, Tensor]         # trained parameters (every named parameter, detached)
+    losses: list[float]               # weighted batch loss of every step, in order
+    stats: dict[str, Any] = field(default_factory=dict)  # schedule, stored states, timings
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """Refuse what cannot be differentiated twice before autograd fails somewhere deep."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in _DOUBLE_BACKWARD_OK:
+        raise ConfigError(f"metagradients need second derivatives, which '{impl}' attention does not provide; load "
+                          f"the model with attn_implementation='eager' (or call model.set_attn_implementation('eager'))")
+    if getattr(model, "is_activation_checkpointing", False) or getattr(model, "gradient_checkpointing", False):
+        raise ConfigError("metagradients cannot run through gradient checkpointing; call "
+                          "model.gradient_checkpointing_disable() first")
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off (metagradients must be deterministic); the caller's mode comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class Unroll:
+    """One fine-tuning run of `model` on `examples`, as pure functions of the training state."""
+
+    def __init__(self, model: torch.nn.Module, examples: Sequence[Mapping[str, Any]], config: SFTConfig,
+                 weights: Tensor | Sequence[float] | None):
+        check_model(model)
+        self.model, self.config = model, config
+        self.dtype = _DTYPES[config.dtype]
+        first = next(model.parameters())
+        self.device = torch.device(config.device) if config.device else first.device
+        self.examples: list[Example] = prepare_examples(examples, config.max_length)
+        n = len(self.examples)
+        if weights is None:
+            self.weights = torch.ones(n, dtype=self.dtype, device=self.device)
+        else:
+            self.weights = torch.as_tensor(weights, dtype=self.dtype).detach().to(self.device).reshape(-1)
+            if self.weights.numel() != n:
+                raise InputError(f"weights has {self.weights.numel()} entries for {n} examples")
+            if not torch.isfinite(self.weights).all():
+                raise InputError("weights contain NaN or infinity")
+
+        named = dict(model.named_parameters())
+        if config.trainable:
+            import re
+
+            patterns = [re.compile(p) for p in config.trainable]
+            self.names = [name for name in named if any(p.search(name) for p in patterns)]
+        else:
+            self.names = [name for name, p in named.items() if p.requires_grad]
+        if not self.names:
+            raise ConfigError("no parameter to train: `trainable` matched nothing (or every parameter is frozen)")
+        cast = {name: p.detach().to(self.device, self.dtype) for name, p in named.items()}
+        self.initial = [cast[name].clone() for name in self.names]
+        self.frozen = {name: t for name, t in cast.items() if name not in set(self.names)}
+        self.buffers = {name: (b.detach().to(self.device, self.dtype) if b.is_floating_point()
+                               else b.detach().to(self.device)) for name, b in model.named_buffers()}
+        self.optimizer = make_optimizer(config)
+        self.steps = step_batches(n, config)
+        self.lrs = learning_rates(config, len(self.steps))
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+        pad = pad if isinstance(pad, int) else 0
+        self.batches: list[list[MicroBatch]] = [micro_batches(self.examples, idx, config, pad, self.device)
+                                                for idx in self.steps]
+        self.losses: dict[int, float] = {}
+        self.progress: Progress | None = None
+
+    # -- the pieces ------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return len(self.steps)
+
+    def tensors(self, params: Sequence[Tensor], with_buffers: bool = True) -> dict[str, Tensor]:
+        out = dict(self.buffers) if with_buffers else {}
+        out.update(self.frozen)
+        out.update(zip(self.names, params))
+        return out
+
+    def initial_state(self) -> TrainState:
+        return TrainState([p.clone() for p in self.initial], self.optimizer.init(self.initial))
+
+    def state_bytes(self) -> int:
+        per = sum(p.numel() * p.element_size() for p in self.initial)
+        return per * (1 + len(self.optimizer.slot_names))
+
+    def _scaled(self, batch: MicroBatch, t: int) -> Tensor:
+        return self.weights[batch.index.to(self.device)] / len(self.steps[t])
+
+    def gradient(self, params: list[Tensor], t: int) -> list[Tensor]:
+        """g_t at `params`, accumulated over micro-batches, no graph kept; logs the weighted batch loss."""
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        grads = [torch.zeros_like(p) for p in params]
+        loss_total = 0.0
+        for batch in self.batches[t]:
+            loss = (self._scaled(batch, t) * example_losses(self.model, self.tensors(leaves), batch)).sum()
+            parts = torch.autograd.grad(loss, leaves, allow_unused=True)
+            for g, part in zip(grads, parts):
+                if part is not None:
+                    g.add_(part)
+            loss_total += float(loss.detach())
+        self.losses[t] = loss_total
+        return grads
+
+    def forward_step(self, state: TrainState, t: int) -> TrainState:
+        grads = self.gradient(state.params, t)
+        with torch.no_grad():
+            params, slots = self.optimizer.update(state.params, state.slots, grads, self.lrs[t], t)
+        if self.progress:
+            self.progress(1, 0, "forward")
+        return TrainState([p.detach() for p in params], {k: [s.detach() for s in v] for k, v in slots.items()})
+
+    def train(self) -> TrainState:
+        state = self.initial_state()
+        for t in range(self.total_steps):
+            state = self.forward_step(state, t)
+        return state
+
+    # -- reverse -----------------------------------------------------------------------------------
+    def _first_order(self, batch: MicroBatch, t: int, leaves: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
+        u = self._scaled(batch, t).detach().requires_grad_(True)
+        loss = (u * example_losses(self.model, self.tensors(leaves), batch)).sum()
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        return u, list(grads)
+
+    def reverse_step(self, state: TrainState, t: int, adjoint: TrainState, scores: Tensor) -> TrainState:
+        leaves = [p.detach().requires_grad_(True) for p in state.params]
+        batches = self.batches[t]
+        size = len(self.steps[t])
+        kept = self._first_order(batches[0], t, leaves) if len(batches) == 1 else None
+        if kept is not None:
+            grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(kept[1], leaves)]
+        else:
+            grads = self.gradient(state.params, t)
+
+        # 1. VJP of the optimizer update
+        slot_names = list(state.slots)
+        p_in = [p.detach().requires_grad_(True) for p in state.params]
+        s_in = [s.detach().requires_grad_(True) for name in slot_names for s in state.slots[name]]
+        g_in = [g.detach().requires_grad_(True) for g in grads]
+        n = len(p_in)
+        s_dict = {name: s_in[j * n:(j + 1) * n] for j, name in enumerate(slot_names)}
+        new_p, new_s = self.optimizer.update(p_in, s_dict, g_in, self.lrs[t], t)
+        outputs = list(new_p) + [s for name in slot_names for s in new_s.get(name, [])]
+        cotangents = list(adjoint.params) + [s for name in slot_names for s in adjoint.slots[name]
+                                             if name in new_s]
+        inputs = p_in + s_in + g_in
+        pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+        vjp = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True)
+        vjp = [torch.zeros_like(x) if v is None else v for v, x in zip(vjp, inputs)]
+        adj_params = vjp[:n]
+        adj_slots = {name: vjp[n + j * n:n + (j + 1) * n] for j, name in enumerate(slot_names)}
+        adj_grads = vjp[n + len(s_in):]
+        del new_p, new_s, outputs, vjp
+
+        # 2. per-example scores and the Hessian-vector product, one micro-batch at a time
+        for batch in batches:
+            u, first = kept if kept is not None else self._first_order(batch, t, leaves)
+            kept = None
+            terms = [(g * a).sum() for g, a in zip(first, adj_grads) if g is not None and g.requires_grad]
+            if not terms:
+                continue
+            second = torch.autograd.grad(torch.stack(terms).sum(), [u] + leaves, allow_unused=True)
+            scores.index_add_(0, batch.index, second[0].detach().to("cpu", torch.float64) / size)
+            for j, h in enumerate(second[1:]):
+                if h is not None:
+                    adj_params[j] = adj_params[j] + h.detach()
+            del first, second, terms
+        if self.progress:
+            self.progress(1, 0, "reverse")
+        return TrainState(adj_params, adj_slots)
+
+
+def train(model: torch.nn.Module, examples: Sequence[Mapping[str, Any]], config: SFTConfig | None = None,
+          weights: Tensor | Sequence[float] | None = None) -> dict[str, Tensor]:
+    """Fine-tune functionally (the model is left untouched); returns every named parameter after training."""
+    config = config or SFTConfig()
+    with _eval_mode(model):
+        unroll = Unroll(model, examples, config, weights)
+        final = unroll.train()
+    return unroll.tensors(final.params, with_buffers=False)
+
+
+def metagradients(model: torch.nn.Module, examples: Sequence[Mapping[str, Any]], metric: Metric,
+                  config: SFTConfig | None = None, weights: Tensor | Sequence[float] | None = None,
+                  progress: Progress | None = None) -> MetagradResult:
+    """value = metric(model, params after training with per-example weights); scores = d value / d weights."""
+    config = config or SFTConfig()
+    with _eval_mode(model):
+        unroll = Unroll(model, examples, config, weights)
+        unroll.progress = progress
+        total = unroll.total_steps
+        state_bytes = unroll.state_bytes()
+        chosen = ckpt.plan(config.checkpoint, total, state_bytes, config.replay_k, config.memory_budget)
+        scores = torch.zeros(len(unroll.examples), dtype=torch.float64)
+        ledger = ckpt.Ledger()
+        box: dict[str, Any] = {}
+        clock = {"start": time.perf_counter()}
+
+        def final(state: TrainState) -> None:
+            clock["forward"] = time.perf_counter() - clock["start"]
+            leaves = [p.detach().requires_grad_(True) for p in state.params]
+            value = metric(model, unroll.tensors(leaves, with_buffers=False))
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise InputError("the metric must return a 0-d tensor (a differentiable scalar of the parameters)")
+            if not torch.isfinite(value):
+                raise InputError(f"the metric of the trained target is {float(value)}; check the metric and the "
+                                 f"learning rate")
+            if not value.requires_grad:
+                raise InputError("the metric does not depend on the trained parameters (no gradient to follow)")
+            adj = torch.autograd.grad(value.reshape(()), leaves, allow_unused=True)
+            box["value"] = float(value.detach())
+            box["params"] = [p.detach() for p in state.params]
+            box["adjoint"] = TrainState([torch.zeros_like(p) if a is None else a.detach()
+                                         for a, p in zip(adj, leaves)],
+                                        {k: [torch.zeros_like(s) for s in v] for k, v in state.slots.items()})
+
+        def back(state: TrainState, t: int) -> None:
+            box["adjoint"] = unroll.reverse_step(state, t, box["adjoint"], scores)
+
+        if progress:
+            progress(0, total * 2, "start")
+        s0 = unroll.initial_state()
+        if chosen.strategy == "all":
+            ckpt.run_all(s0, total, unroll.forward_step, final, back, ledger)
+        elif chosen.strategy == "replay":
+            ckpt.run_replay(s0, total, chosen.k, unroll.forward_step, final, back, ledger)
+        else:
+            ckpt.run_disk(s0, total, unroll.forward_step, final, back, ledger, config.checkpoint_dir)
+        if not torch.isfinite(scores).all():
+            bad = int((~torch.isfinite(scores)).sum())
+            raise InputError(f"{bad} metagradient scores are NaN or infinite; lower the learning rate or use float64")
+        elapsed = time.perf_counter() - clock["start"]
+        stats = {"strategy": chosen.strategy, "replay_k": chosen.k, "steps": total, "peak_states": ledger.peak,
+                 "state_bytes": state_bytes, "forward_steps": ledger.forward_steps,
+                 "seconds": elapsed, "forward_seconds": clock.get("forward", math.nan)}
+    return MetagradResult(box["value"], scores, unroll.tensors(box["params"], with_buffers=False),
+                          [unroll.losses[t] for t in range(total)], stats)

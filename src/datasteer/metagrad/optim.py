@@ -1,0 +1,138 @@
+"""Differentiable optimizers and learning-rate schedules.
+
+Each optimizer is a pure function of tensors: `update(params, slots, grads, lr, step)` returns new
+parameters and new slots (momentum buffers, Adam moments) without touching its inputs, so autograd
+can take the vector-Jacobian product of one training step with respect to the parameters, the
+optimizer state and the gradient. The arithmetic follows torch.optim's single-tensor code paths
+(`torch/optim/sgd.py`, `adam.py`, `adamw.py`) so a forward trajectory matches torch.optim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from datasteer.metagrad.config import SFTConfig
+
+Slots = dict[str, list[Tensor]]
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """sqrt whose derivative is 0 where the input is 0 (instead of inf).
+
+    Adam's second moment v stays exactly 0 on coordinates that never receive a gradient (say the
+    embedding of a token absent from every batch). There d sqrt(v)/dv = inf meets dv/dg = 2(1-b2)g = 0
+    and autograd produces NaN; the true derivative of the update along that path is 0 because the
+    first moment there is 0 as well. This is the masked derivative that optax's `eps_root` approximates.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        out = x.sqrt()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        positive = out > 0
+        return torch.where(positive, grad / (2 * torch.where(positive, out, torch.ones_like(out))), 0.0)
+
+
+safe_sqrt = _SafeSqrt.apply
+
+
+class Optimizer(Protocol):
+    slot_names: tuple[str, ...]
+
+    def init(self, params: list[Tensor]) -> Slots: ...
+
+    def update(self, params: list[Tensor], slots: Slots, grads: list[Tensor], lr: float,
+               step: int) -> tuple[list[Tensor], Slots]: ...
+
+
+class SGD:
+    """torch.optim.SGD: weight decay as L2 on the gradient, momentum buffer started at the first gradient."""
+
+    def __init__(self, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0):
+        self.momentum, self.dampening, self.nesterov, self.weight_decay = momentum, dampening, nesterov, weight_decay
+        self.slot_names = ("momentum_buffer",) if momentum else ()
+
+    def init(self, params: list[Tensor]) -> Slots:
+        return {name: [torch.zeros_like(p) for p in params] for name in self.slot_names}
+
+    def update(self, params, slots, grads, lr, step):
+        new_params, new_bufs = [], []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            if self.momentum:
+                if step == 0:
+                    buf = g
+                else:
+                    buf = slots["momentum_buffer"][i] * self.momentum + (1 - self.dampening) * g
+                new_bufs.append(buf)
+                g = g + self.momentum * buf if self.nesterov else buf
+            new_params.append(p - lr * g)
+        return new_params, ({"momentum_buffer": new_bufs} if self.momentum else {})
+
+
+class Adam:
+    """torch.optim.Adam (decoupled=False: weight decay added to the gradient) or AdamW (decoupled=True)."""
+
+    slot_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool):
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay, self.decoupled = eps, weight_decay, decoupled
+
+    def init(self, params: list[Tensor]) -> Slots:
+        return {name: [torch.zeros_like(p) for p in params] for name in self.slot_names}
+
+    def update(self, params, slots, grads, lr, step):
+        count = step + 1
+        bias_correction1 = 1 - self.beta1**count
+        bias_correction2_sqrt = math.sqrt(1 - self.beta2**count)
+        step_size = lr / bias_correction1
+        new_params, new_m, new_v = [], [], []
+        for p, m, v, g in zip(params, slots["exp_avg"], slots["exp_avg_sq"], grads):
+            if self.weight_decay:
+                if self.decoupled:
+                    p = p * (1 - lr * self.weight_decay)
+                else:
+                    g = g + self.weight_decay * p
+            m = torch.lerp(m, g, 1 - self.beta1)
+            v = v * self.beta2 + (1 - self.beta2) * g * g
+            denom = safe_sqrt(v) / bias_correction2_sqrt + self.eps
+            new_params.append(p - step_size * (m / denom))
+            new_m.append(m)
+            new_v.append(v)
+        return new_params, {"exp_avg": new_m, "exp_avg_sq": new_v}
+
+
+def make_optimizer(config: SFTConfig) -> Optimizer:
+    wd = config.resolved_weight_decay
+    if config.optimizer == "sgd":
+        return SGD(config.momentum, config.dampening, config.nesterov, wd)
+    return Adam(config.betas, config.eps, wd, decoupled=config.optimizer == "adamw")
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+    """transformers' get_constant/linear/cosine_schedule_with_warmup multiplier for 0-based `step`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
+def learning_rates(config: SFTConfig, total_steps: int) -> list[float]:
+    return [config.learning_rate * lr_factor(config.schedule, t, total_steps, config.warmup_steps)
+            for t in range(total_steps)]

@@ -1,0 +1,292 @@
+"""Metagradient engine: exact scores against float64 central differences, train against torch.optim,
+checkpoint schedules against each other, and the refusals."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, get_scheduler
+
+from datasteer.errors import ConfigError, InputError
+from datasteer.metagrad import SFTConfig, metagradients, train
+from datasteer.metagrad.checkpoint import plan, simulate
+from datasteer.metagrad.data import step_batches
+
+VOCAB = 32
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32, attn_implementation="eager")
+    return GPT2LMHeadModel(cfg).double().eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=32, attn_implementation="eager",
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).double().eval()
+
+
+def make_examples(n: int = 6, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = int(torch.randint(4, 11, (1,), generator=g))
+        ids = torch.randint(0, VOCAB, (length,), generator=g).tolist()
+        row = {"input_ids": ids}
+        if i % 3 == 2:  # a "prompt" that is not trained on
+            row["labels"] = [-100] * 3 + ids[3:]
+        rows.append(row)
+    return rows
+
+
+HELD = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(7))
+
+
+def heldout_metric(model, params):
+    """Minus the loss on held-out token sequences: a metric through the model."""
+    logits = functional_call(model, params, (HELD,)).logits[:, :-1]
+    return -F.cross_entropy(logits.reshape(-1, VOCAB), HELD[:, 1:].reshape(-1))
+
+
+def head_metric(model, params):
+    """A metric on the weights alone: a slice of the (tied) LM head pushed toward a pattern."""
+    name = "transformer.wte.weight" if "transformer.wte.weight" in params else "lm_head.weight"
+    block = params[name][:4, :5]
+    pattern = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0]] * 4, dtype=block.dtype)
+    return -F.softplus(-5.0 * pattern * block).mean()
+
+
+def finite_differences(model, examples, metric, config, h, weights=None):
+    """Central differences with one Richardson step, (4 D(h/2) - D(h)) / 3: error O(h^4), an independent reference.
+
+    Adam is rough: coordinates whose gradient is analytically zero (GPT-2's key biases shift every
+    attention logit of a row equally) carry roundoff-sized gradients, where the update g / (|g| + eps)
+    bends on the scale of eps; plain central differences then converge only like 1e9 * h^2.
+    """
+    base = torch.ones(len(examples), dtype=torch.float64) if weights is None else weights
+
+    def central(step):
+        out = []
+        for i in range(len(examples)):
+            values = []
+            for sign in (1.0, -1.0):
+                w = base.clone()
+                w[i] += sign * step
+                values.append(float(metric(model, train(model, examples, config, weights=w))))
+            out.append((values[0] - values[1]) / (2 * step))
+        return torch.tensor(out, dtype=torch.float64)
+
+    return (4 * central(h / 2) - central(h)) / 3
+
+
+def relative_error(exact: torch.Tensor, approx: torch.Tensor) -> float:
+    return float((exact - approx).abs().max() / exact.abs().max())
+
+
+BASE = dict(dtype="float64", batch_size=3, epochs=2)
+CASES = {
+    "sgd": (dict(optimizer="sgd", learning_rate=0.1), 1e-5),
+    "sgd-momentum-wd": (dict(optimizer="sgd", learning_rate=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01), 1e-5),
+    "sgd-nesterov": (dict(optimizer="sgd", learning_rate=0.05, momentum=0.8, nesterov=True), 1e-5),
+    "adam-l2": (dict(optimizer="adam", learning_rate=0.01, weight_decay=0.01), 1e-7),
+    "adamw": (dict(optimizer="adamw", learning_rate=0.01, betas=(0.9, 0.95), weight_decay=0.1), 1e-7),
+    "adamw-microbatch-linear": (dict(optimizer="adamw", learning_rate=0.01, batch_size=4, micro_batch_size=2,
+                                     schedule="linear", warmup_steps=1), 1e-7),
+    "sgd-microbatch-cosine": (dict(optimizer="sgd", learning_rate=0.1, momentum=0.5, batch_size=4, micro_batch_size=1,
+                                   schedule="cosine", warmup_steps=1, epochs=3), 1e-5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("metric", [heldout_metric, head_metric], ids=["heldout-loss", "head-weights"])
+def test_scores_match_central_differences(case, metric):
+    model = tiny_gpt2()
+    examples = make_examples()
+    overrides, h = CASES[case]
+    config = SFTConfig(**{**BASE, **overrides})
+    result = metagradients(model, examples, metric, config, weights=torch.ones(len(examples)))
+    assert result.stats["steps"] >= 3
+    assert math.isclose(result.value, float(metric(model, train(model, examples, config))), rel_tol=1e-12)
+    fd = finite_differences(model, examples, metric, config, h)
+    assert relative_error(result.scores, fd) <= 1e-6, (result.scores, fd)
+
+
+def _rmsnorm_in_input_dtype(self, hidden_states):
+    """LlamaRMSNorm without its float32 round trip, so float64 finite differences are not float32 noise."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+@pytest.mark.parametrize("overrides,weights", [
+    (dict(optimizer="sgd", learning_rate=0.2, momentum=0.9), [0.5, 1.5, 1.0, 0.0, 2.0]),
+    (dict(optimizer="adamw", learning_rate=0.02), [0.5, 1.5, 1.0, 0.25, 2.0]),
+], ids=["sgd-momentum-zero-weight", "adamw"])
+def test_llama_scores_at_non_unit_weights(monkeypatch, overrides, weights):
+    from transformers.models.llama import modeling_llama
+
+    # Llama's RMSNorm and eager softmax round-trip through float32; keep them in float64 for the check
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rmsnorm_in_input_dtype)
+    softmax = F.softmax
+    monkeypatch.setattr(torch.nn.functional, "softmax",
+                        lambda x, dim=None, _stacklevel=3, dtype=None: softmax(x, dim=dim, dtype=None))
+    model = tiny_llama()
+    examples = make_examples(5, seed=3)
+    config = SFTConfig(batch_size=2, epochs=2, dtype="float64", **overrides)
+    weights = torch.tensor(weights, dtype=torch.float64)
+    result = metagradients(model, examples, heldout_metric, config, weights=weights)
+    h = 1e-5 if overrides["optimizer"] == "sgd" else 1e-7
+    fd = finite_differences(model, examples, heldout_metric, config, h, weights=weights)
+    assert relative_error(result.scores, fd) <= 1e-6, (result.scores, fd)
+    assert (result.scores != 0).all()  # a zero-weight example still gets a score: what up-weighting it would do
+
+
+def _reference_training(model, examples, config: SFTConfig, weights):
+    """The same fine-tuning with torch.optim, per-example forward passes (no padding) and transformers' scheduler."""
+    model = copy.deepcopy(model).train(False)
+    params = [p for p in model.parameters()]
+    wd = config.resolved_weight_decay
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=config.learning_rate, momentum=config.momentum, dampening=config.dampening,
+                              nesterov=config.nesterov, weight_decay=wd)
+    elif config.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=config.learning_rate, betas=config.betas, eps=config.eps, weight_decay=wd)
+    else:
+        opt = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.betas, eps=config.eps, weight_decay=wd)
+    steps = step_batches(len(examples), config)
+    sched = get_scheduler(config.schedule if config.schedule != "constant" else "constant_with_warmup", opt,
+                          num_warmup_steps=config.warmup_steps, num_training_steps=len(steps))
+    for index in steps:
+        opt.zero_grad()
+        for i in index:
+            ids = torch.tensor([examples[i]["input_ids"]])
+            labels = torch.tensor([examples[i].get("labels", examples[i]["input_ids"])])
+            logits = model(ids).logits[0, :-1]
+            loss_i = F.cross_entropy(logits, labels[0, 1:], ignore_index=-100)
+            (weights[i] * loss_i / len(index)).backward()
+        opt.step()
+        sched.step()
+    return dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(optimizer="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, schedule="linear",
+         warmup_steps=2),
+    dict(optimizer="adam", learning_rate=0.01, weight_decay=0.05, schedule="cosine", warmup_steps=1),
+    dict(optimizer="adamw", learning_rate=0.01, micro_batch_size=2, batch_size=4),
+], ids=["sgd-nesterov-linear", "adam-cosine", "adamw-microbatch"])
+def test_train_matches_torch_optim(overrides):
+    model = tiny_gpt2(seed=2)
+    examples = make_examples(7, seed=5)
+    config = SFTConfig(**{**dict(dtype="float64", batch_size=3, epochs=3), **overrides})
+    weights = torch.linspace(0.5, 1.5, len(examples), dtype=torch.float64)
+    ours = train(model, examples, config, weights=weights)
+    ref = _reference_training(model, examples, config, weights)
+    before = dict(model.named_parameters())
+    for name, p in ref.items():
+        moved = (p - before[name]).abs().max()
+        err = (ours[name] - p).abs().max()
+        assert err <= 1e-6 * max(float(p.abs().max()), 1e-12), name
+        if "wte" in name:
+            assert moved > 1e-4  # training moved it, so the comparison is not vacuous
+
+
+def test_checkpoint_strategies_agree(tmp_path):
+    model = tiny_gpt2()
+    examples = make_examples(10, seed=4)
+    base = dict(optimizer="adamw", learning_rate=0.01, batch_size=2, epochs=2, dtype="float64")  # 10 steps
+    reference = metagradients(model, examples, heldout_metric, SFTConfig(**base, checkpoint="all"))
+    assert reference.stats["peak_states"] == 10 and reference.stats["forward_steps"] == 10
+    variants = [dict(checkpoint="replay", replay_k=2), dict(checkpoint="replay", replay_k=3),
+                dict(checkpoint="disk", checkpoint_dir=str(tmp_path)),
+                dict(checkpoint="auto", memory_budget=5 * reference.stats["state_bytes"])]
+    for extra in variants:
+        result = metagradients(model, examples, heldout_metric, SFTConfig(**base, **extra))
+        assert (result.scores - reference.scores).abs().max() <= 1e-10, extra
+        assert result.value == pytest.approx(reference.value, abs=1e-12)
+        if extra["checkpoint"] != "disk":
+            assert result.stats["peak_states"] < 10
+            assert result.stats["forward_steps"] > 10
+    budgeted = metagradients(model, examples, heldout_metric, SFTConfig(**base, memory_budget=5 * reference.stats["state_bytes"]))
+    assert budgeted.stats["strategy"] == "replay" and budgeted.stats["peak_states"] <= 5
+    assert list(tmp_path.iterdir()) == []  # the disk strategy cleans up after itself
+
+
+def test_replay_memory_grows_logarithmically():
+    peaks = {t: simulate(t, 2).peak for t in (8, 32, 96, 1024)}
+    for t, peak in peaks.items():
+        assert peak <= math.ceil(math.log2(t)) + 1, (t, peak)
+    assert peaks[1024] <= 11 and simulate(1024, None).peak == 1024
+    steps = {t: simulate(t, 4).forward_steps for t in (16, 64)}
+    assert steps[16] <= 16 * 2 + 16 and steps[64] <= 64 * 3 + 64
+    # the budget picks the densest schedule that fits, and says what to do when none fits
+    chosen = plan("auto", 96, 100, None, 100 * 20)
+    assert chosen.strategy == "replay" and chosen.peak_states <= 20
+    assert simulate(96, chosen.k + 1).peak > 20
+    assert plan("auto", 96, 100, None, 100 * 96).strategy == "all"
+    with pytest.raises(ConfigError, match="disk"):
+        plan("auto", 96, 100, None, 100 * 3)
+
+
+def test_model_left_untouched_and_mode_restored():
+    model = tiny_gpt2()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metagradients(model, make_examples(), heldout_metric, SFTConfig(dtype="float64", batch_size=3, learning_rate=0.1))
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_trainable_subset_and_float32():
+    model = tiny_gpt2().float()
+    examples = make_examples()
+    config = SFTConfig(optimizer="sgd", learning_rate=0.1, batch_size=3, trainable=[r"^transformer\.h\.1\."])
+    params = train(model, examples, config)
+    frozen_same = torch.equal(params["transformer.wte.weight"], model.transformer.wte.weight)
+    trained_moved = not torch.equal(params["transformer.h.1.mlp.c_fc.weight"], model.transformer.h[1].mlp.c_fc.weight)
+    assert frozen_same and trained_moved
+
+    def metric(m, p):
+        return heldout_metric(m, {k: v for k, v in p.items()})
+
+    result = metagradients(model, examples, lambda m, p: -F.cross_entropy(
+        functional_call(m, p, (HELD,)).logits[:, :-1].reshape(-1, VOCAB), HELD[:, 1:].reshape(-1)), config)
+    assert result.scores.dtype == torch.float64 and torch.isfinite(result.scores).all()
+    reference = metagradients(model.double(), examples, heldout_metric, config.model_copy(update={"dtype": "float64"}))
+    assert relative_error(reference.scores, result.scores) < 1e-3
+
+
+def test_refusals():
+    examples = make_examples()
+    sdpa = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=32,
+                                      attn_implementation="sdpa"))
+    with pytest.raises(ConfigError, match="eager"):
+        metagradients(sdpa, examples, heldout_metric, SFTConfig())
+    model = tiny_gpt2()
+    with pytest.raises(InputError, match="no trained token"):
+        train(model, [{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}], SFTConfig())
+    with pytest.raises(InputError, match="weights has 2 entries"):
+        train(model, examples, SFTConfig(), weights=[1.0, 2.0])
+    with pytest.raises(InputError, match="NaN"):
+        train(model, examples, SFTConfig(), weights=[float("nan")] * len(examples))
+    with pytest.raises(InputError, match="0-d tensor"):
+        metagradients(model, examples, lambda m, p: p["transformer.wte.weight"], SFTConfig(dtype="float64"))
+    with pytest.raises(InputError, match="does not depend"):
+        metagradients(model, examples, lambda m, p: torch.tensor(1.0), SFTConfig(dtype="float64"))
+    with pytest.raises(InputError, match="no examples"):
+        train(model, [], SFTConfig())
+    with pytest.raises(ConfigError, match="matched nothing"):
+        train(model, examples, SFTConfig(trainable=["no-such-layer"]))
+    with pytest.raises(ValueError, match="exceeds batch_size"):
+        SFTConfig(batch_size=2, micro_batch_size=4)
+    with pytest.raises(ValueError, match="not a size"):
+        SFTConfig(memory_budget="lots")
+    assert SFTConfig(memory_budget="2GiB").memory_budget == 2 * 2**30
