@@ -422,6 +422,39 @@ def demo_inherit(
     run_inherit(recipe_path("demo-inherit"), out, set_, overwrite, quiet)
 
 
+@app.command()
+def attribute(
+    input: str = typer.Argument(..., help="rows to score: 'text', or 'prompt' + 'completion' (.jsonl/.parquet/...)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output rows with the score column (.jsonl); OUT.meta.json "
+                                                      "holds the metric value and the config"),
+    eval: Optional[str] = typer.Option(None, "--eval", "-e", help="held-out texts (.txt lines or rows with 'text'): "
+                                                                  "the metric is minus the loss on them"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="the target's spec (default embedded:smollm2)"),
+    metric: Optional[str] = typer.Option(None, help="custom metric package.module:function(model, params)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with the fields of `attribute` and a "
+                                                                       "`training:` section (SFTConfig)"),
+    set_: list[str] = typer.Option([], "--set", help="KEY=VALUE over the config, e.g. training.learning_rate=1e-4"),
+    column: str = typer.Option("metagrad", help="name of the score column"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Score each row by its exact metagradient: d metric / d weight of the row in the target's fine-tuning."""
+    from datasteer.config import build, load_recipe
+    from datasteer.metagrad.attribute import AttributeConfig, attribute as run_attribute
+
+    data: dict[str, Any] = load_recipe(config) if config is not None else {}
+    data.update(input=input, column=column)
+    for key, value in (("model", model), ("eval", eval), ("metric", metric)):
+        if value is not None:
+            data[key] = value
+    for assignment in set_:
+        _set_value(data, assignment)
+    cfg = build(AttributeConfig, data, f"config {config}" if config else "flags")
+    result = run_attribute(cfg, out, progress=not quiet)
+    if not quiet:
+        typer.echo(f"scored {result.rows} rows ({result.stats['steps']} training steps, {result.stats['strategy']} "
+                   f"checkpoints) in {result.seconds:.1f}s; metric after training {result.value:.6g} -> {result.out}")
+
+
 @app.command("metrics")
 def list_metrics() -> None:
     """List the metrics `score` understands, with their parameters."""

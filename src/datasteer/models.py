@@ -168,7 +168,7 @@ def _publish(target: Path, save: Any) -> Path:
     return target
 
 
-def _build_tiny(arch: str, options: dict[str, str], dtype: Any) -> tuple[Any, Any]:
+def _build_tiny(arch: str, options: dict[str, str], dtype: Any, extra: dict[str, Any] | None = None) -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -186,7 +186,7 @@ def _build_tiny(arch: str, options: dict[str, str], dtype: Any) -> tuple[Any, An
     config = AutoConfig.for_model(arch, **kwargs, **special)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **(extra or {}))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -251,7 +251,7 @@ def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", trust_re
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
     if kind == "tiny":
-        model, tokenizer = _build_tiny(name, options, torch_dtype)
+        model, tokenizer = _build_tiny(name, options, torch_dtype, extra)
         path = spec
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer

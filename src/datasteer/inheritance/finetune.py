@@ -51,11 +51,29 @@ class FinetuneResult:
     log: list[dict[str, Any]]
 
 
-def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, config: FinetuneConfig) -> tuple[list[dict], dict]:
-    """(examples with input_ids/labels, counts): prompt tokens masked, EOS only on finished completions."""
+def tokenize_row(prompt: str, completion: str, finished: bool, tokenizer: Any, system_prompt: str | None,
+                 max_length: int) -> tuple[dict[str, list[int]] | None, bool]:
+    """(example with input_ids/labels or None when the prompt alone fills max_length, whether it was cut).
+
+    The prompt goes through the chat template exactly as at generation and is masked out of the loss;
+    an end-of-turn token follows only a completion that finished (not one cut at max_new_tokens).
+    """
     from datasteer.generation.transformers_backend import encode_prompts
 
-    eos = tokenizer.eos_token_id
+    prompt_ids = encode_prompts(tokenizer, [prompt], system_prompt)["input_ids"][0].tolist()
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if finished and tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        return None, False
+    cut = len(completion_ids) > room
+    completion_ids = completion_ids[:room]  # cut: the end-of-turn token goes with the cut tail
+    return {"input_ids": prompt_ids + completion_ids, "labels": [-100] * len(prompt_ids) + completion_ids}, cut
+
+
+def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, config: FinetuneConfig) -> tuple[list[dict], dict]:
+    """(examples with input_ids/labels, counts): prompt tokens masked, EOS only on finished completions."""
     examples: list[dict[str, list[int]]] = []
     counts = {"rows": len(rows), "cut_at_generation": 0, "cut_at_max_length": 0, "prompt_too_long": 0,
               "trained_tokens": 0}
@@ -68,23 +86,15 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, config: FinetuneCo
                                  "--prompt-field / --completion-field")
         if not completion.strip():
             raise InputError(f"{config.input}: row {i} has an empty completion; drop it before fine-tuning")
-        prompt_ids = encode_prompts(tokenizer, [prompt], config.system_prompt)["input_ids"][0].tolist()
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
         finished = row.get("finish_reason") != "length"
-        if not finished:
-            counts["cut_at_generation"] += 1
-        if finished and eos is not None:
-            completion_ids = completion_ids + [eos]
-        room = config.max_length - len(prompt_ids)
-        if room < 1:
+        counts["cut_at_generation"] += not finished
+        example, cut = tokenize_row(prompt, completion, finished, tokenizer, config.system_prompt, config.max_length)
+        if example is None:
             counts["prompt_too_long"] += 1
             continue
-        if len(completion_ids) > room:
-            completion_ids = completion_ids[:room]  # cut: the end-of-turn token goes with the cut tail
-            counts["cut_at_max_length"] += 1
-        examples.append({"input_ids": prompt_ids + completion_ids,
-                         "labels": [-100] * len(prompt_ids) + completion_ids})
-        counts["trained_tokens"] += len(completion_ids)
+        counts["cut_at_max_length"] += cut
+        examples.append(example)
+        counts["trained_tokens"] += sum(label != -100 for label in example["labels"])
     if not examples:
         raise InputError(f"{config.input}: no row fits in max_length={config.max_length} tokens; raise --max-length")
     return examples, counts

@@ -33,7 +33,7 @@ from datasteer.metagrad.data import Example, MicroBatch, example_losses, micro_b
 from datasteer.metagrad.optim import Slots, learning_rates, make_optimizer
 
 Metric = Callable[[torch.nn.Module, dict[str, Tensor]], Tensor]
-Progress = Callable[[int, int, str], None]   # (done, total, phase)
+Progress = Callable[[int, int], None]   # (steps done, steps in all: forward, replayed and reverse)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _DOUBLE_BACKWARD_OK = {None, "eager"}
@@ -124,6 +124,12 @@ class Unroll:
                                                 for idx in self.steps]
         self.losses: dict[int, float] = {}
         self.progress: Progress | None = None
+        self.work = (0, 0)  # (done, total) steps for `progress`
+
+    def _tick(self) -> None:
+        if self.progress is not None:
+            self.work = (self.work[0] + 1, self.work[1])
+            self.progress(*self.work)
 
     # -- the pieces ------------------------------------------------------------------------------
     @property
@@ -165,8 +171,7 @@ class Unroll:
         grads = self.gradient(state.params, t)
         with torch.no_grad():
             params, slots = self.optimizer.update(state.params, state.slots, grads, self.lrs[t], t)
-        if self.progress:
-            self.progress(1, 0, "forward")
+        self._tick()
         return TrainState([p.detach() for p in params], {k: [s.detach() for s in v] for k, v in slots.items()})
 
     def train(self) -> TrainState:
@@ -225,8 +230,7 @@ class Unroll:
                 if h is not None:
                     adj_params[j] = adj_params[j] + h.detach()
             del first, second, terms
-        if self.progress:
-            self.progress(1, 0, "reverse")
+        self._tick()
         return TrainState(adj_params, adj_slots)
 
 
@@ -277,8 +281,8 @@ def metagradients(model: torch.nn.Module, examples: Sequence[Mapping[str, Any]],
         def back(state: TrainState, t: int) -> None:
             box["adjoint"] = unroll.reverse_step(state, t, box["adjoint"], scores)
 
-        if progress:
-            progress(0, total * 2, "start")
+        forward = total if chosen.strategy != "replay" else ckpt.simulate(total, chosen.k).forward_steps
+        unroll.work = (0, forward + total)
         s0 = unroll.initial_state()
         if chosen.strategy == "all":
             ckpt.run_all(s0, total, unroll.forward_step, final, back, ledger)

@@ -1,0 +1,156 @@
+"""`datasteer attribute`: score every row of a dataset by its exact metagradient.
+
+Row i's score is d metric / d w_i: how much up-weighting that row in the target's fine-tuning
+would raise the metric of the trained target. The default metric is minus the target's mean loss
+on a file of held-out texts, so a positive score means "training on this row helps on those texts".
+Rows are `text` (trained on every token) or `prompt` + `completion` (the chat template applied as
+in `datasteer finetune`, loss on the completion only).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from datasteer.errors import InputError
+from datasteer.metagrad.config import SFTConfig
+from datasteer.metagrad.data import collate, example_losses, prepare_examples
+from datasteer.metagrad.engine import Metric, metagradients
+
+
+class AttributeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str
+    model: str = "embedded:smollm2"
+    eval: str | None = Field(None, description="held-out texts: .txt (one per line) or rows with a text field")
+    metric: str | None = Field(None, description="package.module:function(model, params) -> 0-d tensor; default: "
+                                                 "minus the held-out loss on `eval`")
+    column: str = "metagrad"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    system_prompt: str | None = None
+    device: str = "auto"
+    training: SFTConfig = Field(default_factory=SFTConfig)
+
+
+@dataclass
+class AttributeResult:
+    rows: int
+    value: float
+    out: Path
+    seconds: float
+    stats: dict[str, Any]
+
+
+def rows_to_examples(rows: list[dict[str, Any]], tokenizer: Any, config: AttributeConfig,
+                     source: str) -> list[dict[str, list[int]]]:
+    from datasteer.inheritance.finetune import tokenize_row
+
+    max_length = config.training.max_length
+    examples = []
+    for i, row in enumerate(rows, 1):
+        text = row.get(config.text_field)
+        if isinstance(text, str):
+            if not text.strip():
+                raise InputError(f"{source}: row {i} has an empty '{config.text_field}'; drop it first")
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+            examples.append({"input_ids": ids, "labels": list(ids)})
+            continue
+        prompt, completion = row.get(config.prompt_field), row.get(config.completion_field)
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise InputError(f"{source}: row {i} has neither a '{config.text_field}' text nor '{config.prompt_field}' "
+                             f"and '{config.completion_field}' texts; name the columns with --text-field / "
+                             f"--prompt-field / --completion-field")
+        if not completion.strip():
+            raise InputError(f"{source}: row {i} has an empty '{config.completion_field}'; drop it first")
+        example, _ = tokenize_row(prompt, completion, row.get("finish_reason") != "length", tokenizer,
+                                  config.system_prompt, max_length)
+        if example is None:
+            raise InputError(f"{source}: row {i}'s prompt fills max_length={max_length} tokens; raise "
+                             f"training.max_length")
+        examples.append(example)
+    return examples
+
+
+def read_texts(path: str, field: str) -> list[str]:
+    from datasteer.io import read_rows, resolve_path
+
+    resolved = resolve_path(path)
+    if resolved.suffix.lower() == ".txt":
+        if not resolved.is_file():
+            raise InputError(f"file not found: {resolved}")
+        texts = [line.strip() for line in resolved.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        texts = []
+        for i, row in enumerate(read_rows(resolved), 1):
+            if not isinstance(row.get(field), str):
+                raise InputError(f"{resolved}: row {i} has no '{field}' text")
+            texts.append(row[field])
+    if not texts:
+        raise InputError(f"{resolved}: no texts to evaluate on")
+    return texts
+
+
+def heldout_loss_metric(texts: list[str], tokenizer: Any, max_length: int, device: torch.device) -> Metric:
+    """Minus the mean (over texts) of each text's mean next-token loss."""
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    examples = prepare_examples([{"input_ids": x} for x in ids], max_length)
+    batch = collate(examples, list(range(len(examples))), 0, device)
+
+    def metric(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return -example_losses(model, params, batch).mean()
+
+    return metric
+
+
+def load_metric(ref: str) -> Callable[..., torch.Tensor]:
+    from datasteer.metrics.custom import load_function
+
+    return load_function(ref)
+
+
+def attribute(config: AttributeConfig, out: str | Path, progress: bool = True) -> AttributeResult:
+    from datasteer.io import read_rows
+    from datasteer.models import load_model
+    from datasteer.progress import track
+    from datasteer.runs import atomic_write_bytes, atomic_write_json, dump_rows
+
+    out = Path(out)
+    rows = read_rows(config.input)
+    if not rows:
+        raise InputError(f"{config.input}: no rows")
+    if config.metric is None and config.eval is None:
+        raise InputError("give held-out texts with --eval FILE (the default metric is minus the loss on them) or a "
+                         "custom --metric package.module:function")
+    metric_fn = load_metric(config.metric) if config.metric else None
+    texts = read_texts(config.eval, config.text_field) if config.eval else None
+    loaded = load_model(config.model, dtype=config.training.dtype, device=config.device, attn_implementation="eager")
+    examples = rows_to_examples(rows, loaded.tokenizer, config, config.input)
+    device = next(loaded.model.parameters()).device
+    metric = metric_fn if metric_fn is not None else heldout_loss_metric(texts or [], loaded.tokenizer,
+                                                                        config.training.max_length, device)
+    start = time.perf_counter()
+    with track("metagradients", 1, enabled=progress, unit="steps", tokens=False) as tracker:
+        def report(done: int, total: int) -> None:
+            if done == 1:
+                tracker.set_total(total)
+            tracker.advance(1)
+
+        result = metagradients(loaded.model, examples, metric, config.training, progress=report)
+    seconds = time.perf_counter() - start
+    scored = [{**row, config.column: float(score)} for row, score in zip(rows, result.scores.tolist())]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out.with_name(out.name + ".meta.json"), {
+        "value": result.value, "metric": config.metric or f"-heldout_loss({config.eval})",
+        "column": config.column, "rows": len(rows), "seconds": seconds, "stats": result.stats,
+        "train_losses": result.losses, "config": json.loads(config.model_dump_json())})
+    atomic_write_bytes(out, dump_rows(scored))
+    return AttributeResult(len(rows), result.value, out, seconds, result.stats)
