@@ -148,6 +148,44 @@ def test_llama_scores_at_non_unit_weights(monkeypatch, overrides, weights):
     assert (result.scores != 0).all()  # a zero-weight example still gets a score: what up-weighting it would do
 
 
+@pytest.mark.parametrize("optimizer", [
+    dict(optimizer="sgd", weight_decay=0.1), dict(optimizer="sgd", momentum=0.9, dampening=0.2, weight_decay=0.1),
+    dict(optimizer="sgd", momentum=0.9, nesterov=True), dict(optimizer="adam", weight_decay=0.1),
+    dict(optimizer="adamw", weight_decay=0.1), dict(optimizer="adamw", weight_decay=0.0)])
+@pytest.mark.parametrize("step", [0, 3])
+def test_optimizer_vjp_matches_autograd(optimizer, step):
+    """The hand-written VJP of each update against autograd through the same update, incl. v = 0 coordinates."""
+    from datasteer.metagrad.optim import make_optimizer
+
+    opt = make_optimizer(SFTConfig(**optimizer))
+    g = torch.Generator().manual_seed(step)
+    params = [torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)]
+    grads = [torch.randn_like(p) for p in params]
+    grads[1][:2] = 0.0
+    slots = {name: [torch.rand(p.shape, generator=g, dtype=torch.float64) for p in params]
+             for name in opt.slot_names}
+    if "exp_avg_sq" in slots:
+        slots["exp_avg_sq"][1][:2] = 0.0
+        slots["exp_avg"][1][:2] = 0.0  # a coordinate that has never had a gradient
+    adj_p = [torch.randn_like(p) for p in params]
+    adj_s = {name: [torch.randn_like(p) for p in params] for name in opt.slot_names}
+    p_in = [p.clone().requires_grad_(True) for p in params]
+    s_in = {k: [x.clone().requires_grad_(True) for x in v] for k, v in slots.items()}
+    g_in = [x.clone().requires_grad_(True) for x in grads]
+    new_p, new_s = opt.update(p_in, s_in, g_in, 0.1, step)
+    outputs = new_p + [x for k in opt.slot_names for x in new_s[k]]
+    cot = adj_p + [x for k in opt.slot_names for x in adj_s[k]]
+    inputs = p_in + [x for k in opt.slot_names for x in s_in[k]] + g_in
+    auto = torch.autograd.grad(outputs, inputs, cot, allow_unused=True)
+    auto = [torch.zeros_like(x) if a is None else a for a, x in zip(auto, inputs)]
+    mine_p, mine_s, mine_g = opt.vjp(params, slots, grads, 0.1, step, [a.clone() for a in adj_p],
+                                     {k: [x.clone() for x in v] for k, v in adj_s.items()})
+    mine = mine_p + [x for k in opt.slot_names for x in mine_s[k]] + mine_g
+    for a, b in zip(auto, mine):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
 def _reference_training(model, examples, config: SFTConfig, weights):
     """The same fine-tuning with torch.optim, per-example forward passes (no padding) and transformers' scheduler."""
     model = copy.deepcopy(model).train(False)
@@ -184,6 +222,13 @@ def _reference_training(model, examples, config: SFTConfig, weights):
 ], ids=["sgd-nesterov-linear", "adam-cosine", "adamw-microbatch"])
 def test_train_matches_torch_optim(overrides):
     model = tiny_gpt2(seed=2)
+    # GPT-2's key biases get an analytically zero gradient (roundoff, ~1e-21). Started at exactly 0, Adam with L2
+    # decay turns them chaotic (the decay term wd*p, normalised by Adam, overshoots by lr*wd/eps per step), so two
+    # correct implementations part ways on roundoff alone. Non-zero biases keep the comparison well-conditioned.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(len(name)))
     examples = make_examples(7, seed=5)
     config = SFTConfig(**{**dict(dtype="float64", batch_size=3, epochs=3), **overrides})
     weights = torch.linspace(0.5, 1.5, len(examples), dtype=torch.float64)
@@ -290,3 +335,59 @@ def test_refusals():
     with pytest.raises(ValueError, match="not a size"):
         SFTConfig(memory_budget="lots")
     assert SFTConfig(memory_budget="2GiB").memory_budget == 2 * 2**30
+
+
+# -- datasteer attribute -------------------------------------------------------------------------------
+def _write(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_attribute_cli_scores_rows(tmp_path):
+    import json
+
+    from datasteer.cli import main
+
+    held = "the quick brown fox jumps over the lazy dog"
+    rows = [{"text": held}, {"text": "zebra quantum yellow seventeen marmalade"},
+            {"prompt": "Name an animal.", "completion": "A fox, quick and brown."},
+            {"text": "dogs and foxes are lazy and quick"}]
+    data = _write(tmp_path / "rows.jsonl", rows)
+    (tmp_path / "held.txt").write_text(held + "\n")
+    out = tmp_path / "scored.jsonl"
+    main(["attribute", str(data), "--eval", str(tmp_path / "held.txt"), "--model", "tiny:gpt2", "--out", str(out),
+          "-q", "--set", "training.optimizer=sgd", "--set", "training.learning_rate=0.5",
+          "--set", "training.batch_size=2", "--set", "training.dtype=float64"])
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "metagrad"} for r in scored] == rows
+    scores = [r["metagrad"] for r in scored]
+    # training on the held-out text itself lowers the held-out loss the most: the largest, positive score
+    assert scores[0] > 0 and scores[0] == max(scores)
+    meta = json.loads((tmp_path / "scored.jsonl.meta.json").read_text())
+    assert meta["rows"] == 4 and meta["stats"]["steps"] == 2 and meta["metric"].startswith("-heldout_loss")
+    assert meta["value"] < 0
+
+
+def test_attribute_cli_errors(tmp_path, capsys):
+    from datasteer.cli import main
+
+    data = _write(tmp_path / "rows.jsonl", [{"question": "no usable field"}])
+    (tmp_path / "held.txt").write_text("held out\n")
+    out = tmp_path / "scored.jsonl"
+    cases = [
+        (["attribute", str(data), "--model", "tiny:gpt2", "--out", str(out)], "--eval"),
+        (["attribute", str(data), "--eval", str(tmp_path / "held.txt"), "--model", "tiny:gpt2", "--out", str(out)],
+         "neither a 'text'"),
+        (["attribute", str(tmp_path / "missing.jsonl"), "--eval", "x.txt", "--out", str(out)], "not found"),
+        (["attribute", str(data), "--eval", str(tmp_path / "held.txt"), "--out", str(out),
+          "--set", "training.optimizer=rmsprop"], "optimizer"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "scored.jsonl.meta.json").exists()

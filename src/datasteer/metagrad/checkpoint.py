@@ -119,7 +119,7 @@ def run_disk(s0: Any, total: int, step: Step, final: Final, back: Back, ledger: 
     try:
         state = s0
         for t in range(total):
-            torch.save(state, root / f"state-{t}.pt")
+            torch.save({"params": state.params, "slots": state.slots}, root / f"state-{t}.pt")
             ledger.stored()
             state = step(state, t)
             ledger.forward_steps += 1
@@ -127,7 +127,7 @@ def run_disk(s0: Any, total: int, step: Step, final: Final, back: Back, ledger: 
         del state
         for t in reversed(range(total)):
             path = root / f"state-{t}.pt"
-            saved = torch.load(path, weights_only=True)
+            saved = type(s0)(**torch.load(path, weights_only=True))
             path.unlink()
             ledger.released()
             back(saved, t)

@@ -198,24 +198,9 @@ class Unroll:
             grads = self.gradient(state.params, t)
 
         # 1. VJP of the optimizer update
-        slot_names = list(state.slots)
-        p_in = [p.detach().requires_grad_(True) for p in state.params]
-        s_in = [s.detach().requires_grad_(True) for name in slot_names for s in state.slots[name]]
-        g_in = [g.detach().requires_grad_(True) for g in grads]
-        n = len(p_in)
-        s_dict = {name: s_in[j * n:(j + 1) * n] for j, name in enumerate(slot_names)}
-        new_p, new_s = self.optimizer.update(p_in, s_dict, g_in, self.lrs[t], t)
-        outputs = list(new_p) + [s for name in slot_names for s in new_s.get(name, [])]
-        cotangents = list(adjoint.params) + [s for name in slot_names for s in adjoint.slots[name]
-                                             if name in new_s]
-        inputs = p_in + s_in + g_in
-        pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
-        vjp = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True)
-        vjp = [torch.zeros_like(x) if v is None else v for v, x in zip(vjp, inputs)]
-        adj_params = vjp[:n]
-        adj_slots = {name: vjp[n + j * n:n + (j + 1) * n] for j, name in enumerate(slot_names)}
-        adj_grads = vjp[n + len(s_in):]
-        del new_p, new_s, outputs, vjp
+        adj_params, adj_slots, adj_grads = self.optimizer.vjp(state.params, state.slots, grads, self.lrs[t], t,
+                                                              adjoint.params, adjoint.slots)
+        del grads
 
         # 2. per-example scores and the Hessian-vector product, one micro-batch at a time
         for batch in batches:
@@ -228,7 +213,7 @@ class Unroll:
             scores.index_add_(0, batch.index, second[0].detach().to("cpu", torch.float64) / size)
             for j, h in enumerate(second[1:]):
                 if h is not None:
-                    adj_params[j] = adj_params[j] + h.detach()
+                    adj_params[j].add_(h.detach())
             del first, second, terms
         self._tick()
         return TrainState(adj_params, adj_slots)

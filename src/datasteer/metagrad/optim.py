@@ -53,6 +53,12 @@ class Optimizer(Protocol):
     def update(self, params: list[Tensor], slots: Slots, grads: list[Tensor], lr: float,
                step: int) -> tuple[list[Tensor], Slots]: ...
 
+    def vjp(self, params: list[Tensor], slots: Slots, grads: list[Tensor], lr: float, step: int,
+            adj_params: list[Tensor], adj_slots: Slots) -> tuple[list[Tensor], Slots, list[Tensor]]:
+        """Adjoints of (params, slots, grads) given those of update's outputs (written out by hand: one
+        fused pass with no autograd graph over every parameter; a test checks it against autograd)."""
+        ...
+
 
 class SGD:
     """torch.optim.SGD: weight decay as L2 on the gradient, momentum buffer started at the first gradient."""
@@ -79,6 +85,30 @@ class SGD:
                 g = g + self.momentum * buf if self.nesterov else buf
             new_params.append(p - lr * g)
         return new_params, ({"momentum_buffer": new_bufs} if self.momentum else {})
+
+    def vjp(self, params, slots, grads, lr, step, adj_params, adj_slots):
+        out_p, out_b, out_g = [], [], []
+        for i, (p, a) in enumerate(zip(params, adj_params)):
+            adj_dir = a * -lr
+            if self.momentum:
+                adj_buf = adj_slots["momentum_buffer"][i]
+                if self.nesterov:
+                    adj_g = adj_dir
+                    adj_buf = adj_buf + self.momentum * adj_dir
+                else:
+                    adj_g = torch.zeros_like(a)
+                    adj_buf = adj_buf + adj_dir
+                if step == 0:
+                    adj_g = adj_g + adj_buf
+                    out_b.append(torch.zeros_like(a))
+                else:
+                    adj_g = adj_g + (1 - self.dampening) * adj_buf
+                    out_b.append(self.momentum * adj_buf)
+            else:
+                adj_g = adj_dir
+            out_p.append(a + self.weight_decay * adj_g if self.weight_decay else a)
+            out_g.append(adj_g)
+        return out_p, ({"momentum_buffer": out_b} if self.momentum else {}), out_g
 
 
 class Adam:
@@ -112,6 +142,37 @@ class Adam:
             new_m.append(m)
             new_v.append(v)
         return new_params, {"exp_avg": new_m, "exp_avg_sq": new_v}
+
+    def vjp(self, params, slots, grads, lr, step, adj_params, adj_slots):
+        count = step + 1
+        bias_correction1 = 1 - self.beta1**count
+        bias_correction2_sqrt = math.sqrt(1 - self.beta2**count)
+        step_size = lr / bias_correction1
+        out_p, out_m, out_v, out_g = [], [], [], []
+        for p, m, v, g, a, am, av in zip(params, slots["exp_avg"], slots["exp_avg_sq"], grads, adj_params,
+                                          adj_slots["exp_avg"], adj_slots["exp_avg_sq"]):
+            if self.weight_decay and not self.decoupled:
+                g = g + self.weight_decay * p
+            m_new = torch.lerp(m, g, 1 - self.beta1)
+            root = torch.addcmul(v * self.beta2, g, g, value=1 - self.beta2).sqrt_()
+            denom = (root / bias_correction2_sqrt).add_(self.eps)
+            ratio = torch.div(a, denom).mul_(step_size)     # -d p_new / d m_new, times the adjoint
+            adj_m = am - ratio
+            # d p_new / d denom = step_size * m_new / denom^2; d denom / d v_new = 1 / (2 sqrt(v_new) c2), 0 at v_new = 0
+            adj_v = ratio.mul_(m_new).div_(denom).div_(root).mul_(0.5 / bias_correction2_sqrt)
+            adj_v = adj_v.masked_fill_(root == 0, 0.0).add_(av)
+            del m_new, root, denom, ratio
+            adj_g = torch.addcmul(adj_m * (1 - self.beta1), adj_v, g, value=2 * (1 - self.beta2))
+            out_m.append(adj_m.mul_(self.beta1))
+            out_v.append(adj_v.mul_(self.beta2))
+            if self.weight_decay and self.decoupled:
+                out_p.append(a * (1 - lr * self.weight_decay))
+            elif self.weight_decay:
+                out_p.append(torch.add(a, adj_g, alpha=self.weight_decay))
+            else:
+                out_p.append(a.clone())
+            out_g.append(adj_g)
+        return out_p, {"exp_avg": out_m, "exp_avg_sq": out_v}, out_g
 
 
 def make_optimizer(config: SFTConfig) -> Optimizer:
