@@ -29,7 +29,7 @@ import time
 import torch
 
 PRESETS = {
-    "cpu": dict(n_embd=32, n_layer=2, n_head=2, batch=4, length=64),
+    "cpu": dict(n_embd=64, n_layer=2, n_head=2, batch=4, length=64),
     "gpt2-small": dict(n_embd=768, n_layer=12, n_head=12, batch=8, length=128),
 }
 

@@ -279,6 +279,9 @@ def test_every_shipped_recipe_validates_and_prompt_sets_are_disjoint():
     for name in names:
         data = load_recipe(recipe_path(name))
         build(GenerateConfig if name == "demo-generate" else InheritConfig, data, name)
+        assert load_recipe(name) == data  # a bare name finds the built-in recipe
+    with pytest.raises(InputError, match="built-in name: .*demo-inherit"):
+        load_recipe("no-such-recipe")
     sets = builtin_prompt_sets()
     train = [r["prompt"] for r in read_rows(sets["instructions-train"])]
     held = [r["prompt"] for r in read_rows(sets["instructions-heldout"])]
