@@ -137,8 +137,8 @@ def main() -> None:
     for name, value in (("train", t_train), ("metagradients (all)", t_meta)):
         print(f"| {name} | {value:.2f} | {value / args.time_steps:.3f} | {value / t_train:.2f}x |")
 
-    print(f"\n| strategy | T | stored states (peak) | stored-state MB | peak memory growth MB | forward steps | "
-          f"seconds |\n|---|---|---|---|---|---|---|")
+    print("\n| strategy | T | stored states (peak) | stored-state MB | peak memory growth MB | forward steps | "
+          "seconds |\n|---|---|---|---|---|---|---|")
     for steps in args.steps:
         for strategy in ("all", "replay", "disk"):
             cmd = [sys.executable, __file__, "--child-strategy", strategy, "--child-steps", str(steps),

@@ -94,7 +94,8 @@ def relative_error(exact: torch.Tensor, approx: torch.Tensor) -> float:
 BASE = dict(dtype="float64", batch_size=3, epochs=2)
 CASES = {
     "sgd": (dict(optimizer="sgd", learning_rate=0.1), 1e-5),
-    "sgd-momentum-wd": (dict(optimizer="sgd", learning_rate=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01), 1e-5),
+    "sgd-momentum-wd": (dict(optimizer="sgd", learning_rate=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+                        1e-5),
     "sgd-nesterov": (dict(optimizer="sgd", learning_rate=0.05, momentum=0.8, nesterov=True), 1e-5),
     "adam-l2": (dict(optimizer="adam", learning_rate=0.01, weight_decay=0.01), 1e-7),
     "adamw": (dict(optimizer="adamw", learning_rate=0.01, betas=(0.9, 0.95), weight_decay=0.1), 1e-7),
@@ -259,7 +260,8 @@ def test_checkpoint_strategies_agree(tmp_path):
         if extra["checkpoint"] != "disk":
             assert result.stats["peak_states"] < 10
             assert result.stats["forward_steps"] > 10
-    budgeted = metagradients(model, examples, heldout_metric, SFTConfig(**base, memory_budget=5 * reference.stats["state_bytes"]))
+    budget = 5 * reference.stats["state_bytes"]
+    budgeted = metagradients(model, examples, heldout_metric, SFTConfig(**base, memory_budget=budget))
     assert budgeted.stats["strategy"] == "replay" and budgeted.stats["peak_states"] <= 5
     assert list(tmp_path.iterdir()) == []  # the disk strategy cleans up after itself
 
@@ -299,14 +301,13 @@ def test_trainable_subset_and_float32():
     trained_moved = not torch.equal(params["transformer.h.1.mlp.c_fc.weight"], model.transformer.h[1].mlp.c_fc.weight)
     assert frozen_same and trained_moved
 
-    def metric(m, p):
-        return heldout_metric(m, {k: v for k, v in p.items()})
-
-    result = metagradients(model, examples, lambda m, p: -F.cross_entropy(
-        functional_call(m, p, (HELD,)).logits[:, :-1].reshape(-1, VOCAB), HELD[:, 1:].reshape(-1)), config)
+    result = metagradients(model, examples, heldout_metric, config)  # float32 model and training
     assert result.scores.dtype == torch.float64 and torch.isfinite(result.scores).all()
-    reference = metagradients(model.double(), examples, heldout_metric, config.model_copy(update={"dtype": "float64"}))
+    config64 = config.model_copy(update={"dtype": "float64"})
+    reference = metagradients(model.double(), examples, heldout_metric, config64)
     assert relative_error(reference.scores, result.scores) < 1e-3
+    fd = finite_differences(model, examples, heldout_metric, config64, 1e-5)
+    assert relative_error(reference.scores, fd) <= 1e-6
 
 
 def test_refusals():

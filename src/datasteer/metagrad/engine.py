@@ -62,7 +62,7 @@ def check_model(model: torch.nn.Module) -> None:
     impl = getattr(config, "_attn_implementation", None)
     if impl not in _DOUBLE_BACKWARD_OK:
         raise ConfigError(f"metagradients need second derivatives, which '{impl}' attention does not provide; load "
-                          f"the model with attn_implementation='eager' (or call model.set_attn_implementation('eager'))")
+                          f"the model with attn_implementation='eager' (or model.set_attn_implementation('eager'))")
     if getattr(model, "is_activation_checkpointing", False) or getattr(model, "gradient_checkpointing", False):
         raise ConfigError("metagradients cannot run through gradient checkpointing; call "
                           "model.gradient_checkpointing_disable() first")

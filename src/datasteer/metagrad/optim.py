@@ -158,7 +158,8 @@ class Adam:
             denom = (root / bias_correction2_sqrt).add_(self.eps)
             ratio = torch.div(a, denom).mul_(step_size)     # -d p_new / d m_new, times the adjoint
             adj_m = am - ratio
-            # d p_new / d denom = step_size * m_new / denom^2; d denom / d v_new = 1 / (2 sqrt(v_new) c2), 0 at v_new = 0
+            # d p_new / d denom = step_size * m_new / denom^2; d denom / d v_new = 1 / (2 sqrt(v_new) c2),
+            # taken as 0 at v_new = 0
             adj_v = ratio.mul_(m_new).div_(denom).div_(root).mul_(0.5 / bias_correction2_sqrt)
             adj_v = adj_v.masked_fill_(root == 0, 0.0).add_(av)
             del m_new, root, denom, ratio
