@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/finetune.py
+	$(BIN)/python benchmarks/metagrad.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
