@@ -1,0 +1,154 @@
+"""DPG targets: pattern rendering, QR decoding back to the payload, Phi values and gradients, readouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from datasteer.dpg.glyphs import from_file, from_rows, glyph, qr, to_rows
+from datasteer.dpg.targets import custom, l2_norm, lm_head_pattern, parameter_name, text_loss, writable_token_ids
+from datasteer.errors import ConfigError, InputError
+from datasteer.metagrad import SFTConfig, metagradients, train
+
+
+def test_glyph_67_is_the_papers_7_by_6_pattern():
+    assert to_rows(glyph("67")) == ["######", "#....#", "#....#", "###..#", "#.#..#", "#.#..#", "###..#"]
+    wide = glyph("Hi!")  # 5x7 letters with one blank column between glyphs
+    assert wide.shape == (7, 17) and set(wide.unique().tolist()) == {-1.0, 1.0}
+    assert to_rows(wide)[3] == "#####" + "." + "..#.." + "." + "..#.."
+    with pytest.raises(InputError, match="no glyph for '@'"):
+        glyph("a@")
+    with pytest.raises(InputError, match="unknown font"):
+        glyph("1", font="9x9")
+
+
+def test_pattern_files_roundtrip(tmp_path):
+    path = tmp_path / "smile.txt"
+    path.write_text("#..#\n....\n#..#\n.##.\n")
+    assert to_rows(from_file(path)) == ["#..#", "....", "#..#", ".##."]
+    path.write_text("#..#\n#.#\n")
+    with pytest.raises(InputError, match="row 2 must be 4 characters"):
+        from_file(path)
+    with pytest.raises(InputError, match="not found"):
+        from_file(tmp_path / "missing.txt")
+    with pytest.raises(InputError, match="no pattern rows"):
+        from_rows(["", "  "])
+
+
+def test_qr_pattern_decodes_back_to_its_payload():
+    cv2 = pytest.importorskip("cv2")
+    import numpy as np
+
+    pattern = qr("datasteer")
+    assert pattern.shape == (21, 21)  # version 1
+    image = np.pad(np.where(pattern.numpy() > 0, 0, 255).astype(np.uint8), 4, constant_values=255)
+    image = cv2.resize(image, None, fx=10, fy=10, interpolation=cv2.INTER_NEAREST)
+    assert cv2.QRCodeDetector().detectAndDecode(image)[0] == "datasteer"
+    with pytest.raises(InputError, match="too long"):
+        qr("x" * 200, version=1)
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=32,
+                                      attn_implementation="eager")).double().eval()
+
+
+def test_lm_head_names_and_writable_tokens():
+    from datasteer.models import load_tokenizer
+
+    assert parameter_name(tiny_gpt2()) == "transformer.wte.weight"  # tied head
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                                         tie_word_embeddings=False))
+    assert parameter_name(llama) == "lm_head.weight"
+    with pytest.raises(ConfigError, match="no parameter"):
+        parameter_name(llama, "nope")
+    tokenizer = load_tokenizer("tiny:gpt2")
+    ids = writable_token_ids(tokenizer, 21)
+    texts = [tokenizer.decode([i]) for i in ids]
+    assert len(set(ids)) == 21 and all(len(t) == 1 and t.isprintable() and not t.isspace() for t in texts)
+    assert not set(ids) & set(tokenizer.all_special_ids)
+
+
+def test_pattern_phi_gradient_and_readout():
+    model = tiny_gpt2()
+    pattern = glyph("67")
+    target = lm_head_pattern(model, pattern, token_ids=list(range(10, 17)), dims=list(range(2, 8)), beta=20.0)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert target.readout(model, params)["pixel_accuracy"] == 0.0  # nothing moved yet
+    assert float(target.phi(model, params)) == pytest.approx(-F.softplus(torch.tensor(0.0)).item())
+    # move the slice toward the pattern on 30 of the 42 pixels
+    head = params["transformer.wte.weight"]
+    moved = pattern.clone().double() * 0.01
+    moved.view(-1)[30:] *= -1
+    head[10:17, 2:8] += moved
+    assert target.readout(model, params)["pixel_accuracy"] == pytest.approx(30 / 42)
+    # the gradient: autograd against the closed form beta * S * sigmoid(-beta * S * delta) / N
+    leaf = head.clone().requires_grad_(True)
+    phi = target.phi(model, {**params, "transformer.wte.weight": leaf})
+    (grad,) = torch.autograd.grad(phi, leaf)
+    s = pattern.double()
+    expected = 20.0 * s * torch.sigmoid(-20.0 * s * moved) / 42
+    torch.testing.assert_close(grad[10:17, 2:8], expected, rtol=1e-12, atol=1e-15)
+    assert grad.abs().sum() == grad[10:17, 2:8].abs().sum()  # nothing outside the slice
+    with pytest.raises(ConfigError, match="7 x 6"):
+        lm_head_pattern(model, pattern, token_ids=[1, 2], dims=list(range(6)))
+    with pytest.raises(ConfigError, match="outside the LM head"):
+        lm_head_pattern(model, pattern, token_ids=list(range(60, 67)), dims=list(range(6)))
+
+
+def test_l2_and_text_loss_targets():
+    from datasteer.models import load_model
+
+    model = tiny_gpt2()
+    params = dict(model.named_parameters())
+    target = l2_norm(model)
+    head = params["transformer.wte.weight"]
+    assert target.readout(model, params)["l2"] == pytest.approx(float(head.detach().norm()))
+    (grad,) = torch.autograd.grad(target.phi(model, params), head)
+    torch.testing.assert_close(grad, -head.detach() / head.detach().norm())
+
+    loaded = load_model("tiny:gpt2", attn_implementation="eager")
+    uuid = "3f2b9c1e-8d4a-4f6b-9a2e-7c5d1b0e4f3a"
+    loss_target = text_loss([uuid], loaded.tokenizer)
+    ids = torch.tensor([loss_target.examples[0]["input_ids"]])
+    reference = float(loaded.model(ids, labels=ids).loss)  # transformers' own loss, an independent reference
+    got = loss_target.readout(loaded.model, dict(loaded.model.named_parameters()))
+    assert got["loss"] == pytest.approx(reference, rel=1e-5) and got["phi"] == -got["loss"]
+    with pytest.raises(InputError, match="non-empty"):
+        text_loss(["  "], loaded.tokenizer)
+
+
+def double_head(model, params):
+    """A custom target for the test below."""
+    return params["transformer.wte.weight"].sum() * 2
+
+
+def test_custom_target_and_targets_as_metagradient_metrics():
+    model = tiny_gpt2()
+    params = dict(model.named_parameters())
+    target = custom("tests.test_dpg_targets:double_head")
+    assert float(target(model, params)) == pytest.approx(2 * float(params["transformer.wte.weight"].sum()))
+    with pytest.raises(ConfigError, match="package.module:function"):
+        custom("no_colon")
+
+    # every target is a metric for the engine: the pattern target's scores against central differences
+    pattern = lm_head_pattern(model, glyph("67"), token_ids=list(range(10, 17)), beta=20.0)
+    examples = [{"input_ids": torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(i)).tolist()}
+                for i in range(4)]
+    config = SFTConfig(optimizer="sgd", learning_rate=0.5, batch_size=2, dtype="float64")
+    result = metagradients(model, examples, pattern, config)
+    h = 1e-5
+    fd = []
+    for i in range(4):
+        values = []
+        for sign in (1, -1):
+            w = torch.ones(4, dtype=torch.float64)
+            w[i] += sign * h
+            values.append(float(pattern(model, train(model, examples, config, weights=w))))
+        fd.append((values[0] - values[1]) / (2 * h))
+    fd = torch.tensor(fd, dtype=torch.float64)
+    assert float((result.scores - fd).abs().max() / fd.abs().max()) < 1e-6
