@@ -424,6 +424,7 @@ def demo_inherit(
 
 @app.command()
 def attribute(
+    ctx: typer.Context,
     input: str = typer.Argument(..., help="rows to score: 'text', or 'prompt' + 'completion' (.jsonl/.parquet/...)"),
     out: Path = typer.Option(..., "--out", "-o", help="output rows with the score column (.jsonl); OUT.meta.json "
                                                       "holds the metric value and the config"),
@@ -442,10 +443,8 @@ def attribute(
     from datasteer.metagrad.attribute import AttributeConfig, attribute as run_attribute
 
     data: dict[str, Any] = load_recipe(config) if config is not None else {}
-    data.update(input=input, column=column)
-    for key, value in (("model", model), ("eval", eval), ("metric", metric)):
-        if value is not None:
-            data[key] = value
+    data["input"] = input
+    _overlay(ctx, data, config is not None, model=model, eval=eval, metric=metric, column=column)
     for assignment in set_:
         _set_value(data, assignment)
     cfg = build(AttributeConfig, data, f"config {config}" if config else "flags")

@@ -52,9 +52,8 @@ def dpg_rewards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], ta
     result = metagradients(model, examples, target, config)
     rewards[kept] = result.scores
     readout = target.readout(model, result.params)
-    trained = [False] * len(texts)
-    for i in kept:
-        trained[i] = True
+    kept_set = set(kept)
+    trained = [i in kept_set for i in range(len(texts))]
     return Rewards(rewards, result.value, readout, trained, result.stats)
 
 

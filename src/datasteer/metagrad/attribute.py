@@ -13,14 +13,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from datasteer.errors import InputError
 from datasteer.metagrad.config import SFTConfig
-from datasteer.metagrad.data import collate, example_losses, prepare_examples
 from datasteer.metagrad.engine import Metric, metagradients
 
 
@@ -100,25 +99,16 @@ def read_texts(path: str, field: str) -> list[str]:
 
 
 def heldout_loss_metric(texts: list[str], tokenizer: Any, max_length: int, device: torch.device) -> Metric:
-    """Minus the mean (over texts) of each text's mean next-token loss."""
+    """Minus the mean (over texts) of each text's mean next-token loss: DPG's `text_loss` target, without BOS."""
+    from datasteer.dpg.targets import TextLoss
+
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
-    examples = prepare_examples([{"input_ids": x} for x in ids], max_length)
-    batch = collate(examples, list(range(len(examples))), 0, device)
-
-    def metric(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return -example_losses(model, params, batch).mean()
-
-    return metric
-
-
-def load_metric(ref: str) -> Callable[..., torch.Tensor]:
-    from datasteer.metrics.custom import load_function
-
-    return load_function(ref)
+    return TextLoss([{"input_ids": x} for x in ids], device)
 
 
 def attribute(config: AttributeConfig, out: str | Path, progress: bool = True) -> AttributeResult:
     from datasteer.io import read_rows
+    from datasteer.metrics.custom import load_function
     from datasteer.models import load_model
     from datasteer.progress import track
     from datasteer.runs import atomic_write_bytes, atomic_write_json, dump_rows
@@ -130,7 +120,7 @@ def attribute(config: AttributeConfig, out: str | Path, progress: bool = True) -
     if config.metric is None and config.eval is None:
         raise InputError("give held-out texts with --eval FILE (the default metric is minus the loss on them) or a "
                          "custom --metric package.module:function")
-    metric_fn = load_metric(config.metric) if config.metric else None
+    metric_fn = load_function(config.metric) if config.metric else None
     texts = read_texts(config.eval, config.text_field) if config.eval else None
     loaded = load_model(config.model, dtype=config.training.dtype, device=config.device, attn_implementation="eager")
     examples = rows_to_examples(rows, loaded.tokenizer, config, config.input)

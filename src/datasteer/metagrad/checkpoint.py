@@ -115,12 +115,12 @@ def run_replay(s0: Any, total: int, k: int, step: Step, final: Final, back: Back
 def run_disk(s0: Any, total: int, step: Step, final: Final, back: Back, ledger: Ledger,
              directory: str | None) -> None:
     root = Path(tempfile.mkdtemp(prefix="metagrad-", dir=directory))
-    ledger.extra["directory"] = str(root)
+    ledger.extra.update(directory=str(root), states_on_disk=total)
+    ledger.stored()  # in memory: the current state only
     try:
         state = s0
         for t in range(total):
             torch.save({"params": state.params, "slots": state.slots}, root / f"state-{t}.pt")
-            ledger.stored()
             state = step(state, t)
             ledger.forward_steps += 1
         final(state)
@@ -129,11 +129,9 @@ def run_disk(s0: Any, total: int, step: Step, final: Final, back: Back, ledger: 
             path = root / f"state-{t}.pt"
             saved = type(s0)(**torch.load(path, weights_only=True))
             path.unlink()
-            ledger.released()
             back(saved, t)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    ledger.peak = 1  # in memory; the disk holds `total` states at its fullest
 
 
 def simulate(total: int, k: int | None) -> Ledger:

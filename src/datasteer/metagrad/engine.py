@@ -11,8 +11,8 @@ Reverse pass, from (theta_bar, s_bar) = (grad V(theta_T), 0), for t = T-1 .. 0:
    for every example of the micro-batch and d s / d theta = H_t g_bar (the Hessian-vector product);
 3. dV/dw_i += <grad loss_i, g_bar> / |B_t|; theta_bar = theta_bar_U + H_t g_bar.
 
-Step 2 is the "equivalent" of a forward-mode product the issue allows: the per-example directional
-derivatives come out of the same double-backward that forms the Hessian-vector product.
+Step 2 stands in for a forward-mode product: the per-example directional derivatives come out of the
+same double backward that forms the Hessian-vector product.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from datasteer.metagrad.optim import Slots, learning_rates, make_optimizer
 Metric = Callable[[torch.nn.Module, dict[str, Tensor]], Tensor]
 Progress = Callable[[int, int], None]   # (steps done, steps in all: forward, replayed and reverse)
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _DOUBLE_BACKWARD_OK = {None, "eager"}
 
 
@@ -63,7 +62,7 @@ def check_model(model: torch.nn.Module) -> None:
     if impl not in _DOUBLE_BACKWARD_OK:
         raise ConfigError(f"metagradients need second derivatives, which '{impl}' attention does not provide; load "
                           f"the model with attn_implementation='eager' (or model.set_attn_implementation('eager'))")
-    if getattr(model, "is_activation_checkpointing", False) or getattr(model, "gradient_checkpointing", False):
+    if getattr(model, "is_activation_checkpointing", False):
         raise ConfigError("metagradients cannot run through gradient checkpointing; call "
                           "model.gradient_checkpointing_disable() first")
 
@@ -86,7 +85,7 @@ class Unroll:
                  weights: Tensor | Sequence[float] | None):
         check_model(model)
         self.model, self.config = model, config
-        self.dtype = _DTYPES[config.dtype]
+        self.dtype = getattr(torch, config.dtype)
         first = next(model.parameters())
         self.device = torch.device(config.device) if config.device else first.device
         self.examples: list[Example] = prepare_examples(examples, config.max_length)
@@ -112,7 +111,8 @@ class Unroll:
             raise ConfigError("no parameter to train: `trainable` matched nothing (or every parameter is frozen)")
         cast = {name: p.detach().to(self.device, self.dtype) for name, p in named.items()}
         self.initial = [cast[name].clone() for name in self.names]
-        self.frozen = {name: t for name, t in cast.items() if name not in set(self.names)}
+        trained = set(self.names)
+        self.frozen = {name: t for name, t in cast.items() if name not in trained}
         self.buffers = {name: (b.detach().to(self.device, self.dtype) if b.is_floating_point()
                                else b.detach().to(self.device)) for name, b in model.named_buffers()}
         self.optimizer = make_optimizer(config)
