@@ -54,11 +54,9 @@ def parameter_name(model: torch.nn.Module, param: str | None = None) -> str:
     raise ConfigError("the LM head's weight is not among the model's parameters")
 
 
-def writable_token_ids(tokenizer: Any, count: int) -> list[int]:
-    """`count` token ids a generator can actually write: single printable non-space ASCII characters, by id.
-
-    Special tokens and byte-fallback pieces are skipped, so the pattern sits on rows that rollouts can reach.
-    """
+def printable_token_ids(tokenizer: Any, limit: int | None = None) -> list[int]:
+    """Token ids (ascending) that decode to one printable, non-space ASCII character; special tokens and
+    byte-fallback pieces are skipped. Stops after `limit` ids when given."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     chosen = []
     for token_id in range(len(tokenizer)):
@@ -67,10 +65,19 @@ def writable_token_ids(tokenizer: Any, count: int) -> list[int]:
         text = tokenizer.decode([token_id])
         if len(text) == 1 and text.isprintable() and not text.isspace() and text.isascii():
             chosen.append(token_id)
-            if len(chosen) == count:
-                return chosen
-    raise InputError(f"the tokenizer has only {len(chosen)} single-character printable tokens, the pattern needs "
-                     f"{count} rows; pass token_ids explicitly")
+            if len(chosen) == limit:
+                break
+    return chosen
+
+
+def writable_token_ids(tokenizer: Any, count: int) -> list[int]:
+    """`count` token ids a generator can actually write (single printable characters, by id), so that the
+    pattern sits on rows that rollouts can reach."""
+    chosen = printable_token_ids(tokenizer, count)
+    if len(chosen) < count:
+        raise InputError(f"the tokenizer has only {len(chosen)} single-character printable tokens, the pattern "
+                         f"needs {count} rows; pass token_ids explicitly")
+    return chosen
 
 
 @dataclass

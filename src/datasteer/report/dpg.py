@@ -1,0 +1,200 @@
+"""Plots and the markdown report of a DPG run: curves against examples seen, the LM-head slice next to its
+pattern (a strip and an animated GIF), and a headline per arm."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from datasteer.report.plots import _pyplot
+from datasteer.runs import atomic_write_text
+
+ARM_COLOURS = {"dpg": "#d62728", "naive": "#1f77b4"}
+THRESHOLDS = (0.90, 0.95)
+
+
+def readout_key(rows: list[dict[str, Any]]) -> str | None:
+    """The human readout a target reports besides phi (pixel_accuracy, l2, loss), if any."""
+    for row in rows:
+        keys = [k for k, v in (row.get("validation") or {}).items()
+                if k not in ("phi", "rollouts", "trained", "sample") and isinstance(v, (int, float))]
+        if keys:
+            return keys[0]
+    return None
+
+
+def validation_series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for row in rows:
+        value = (row.get("validation") or {}).get(key)
+        if isinstance(value, (int, float)):
+            xs.append(row["examples_seen"])
+            ys.append(float(value))
+    return xs, ys
+
+
+def first_reaching(rows: list[dict[str, Any]], key: str, threshold: float) -> int | None:
+    """Examples seen when the validation readout first reaches `threshold` (None: never)."""
+    for x, y in zip(*validation_series(rows, key)):
+        if y >= threshold:
+            return x
+    return None
+
+
+def curves(arms: list[Any], path: Path) -> Path:
+    """Validation Phi and readout (and each step's training-batch readout, faded) against examples seen."""
+    plt = _pyplot()
+    key = readout_key([r for a in arms for r in a.rows])
+    panels = ["phi"] + ([key] if key else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.0), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for i, arm in enumerate(arms):
+            c = ARM_COLOURS.get(arm.arm, f"C{i + 2}")
+            steps = [r for r in arm.rows if (r.get("readout") or {}).get(panel) is not None or
+                     (panel == "phi" and r.get("phi") is not None)]
+            if steps:
+                xs = [r["examples_seen"] for r in steps]
+                ys = [r["phi"] if panel == "phi" else r["readout"][panel] for r in steps]
+                ax.plot(xs, ys, color=c, alpha=0.25, lw=1, label=f"{arm.arm}: the step's batch")
+            vx, vy = validation_series(arm.rows, panel)
+            ax.plot(vx, vy, color=c, marker="o", ms=3, lw=2, label=f"{arm.arm}: validation")
+        if panel == "pixel_accuracy":
+            for t in THRESHOLDS:
+                ax.axhline(t, color="#444", ls=":", lw=1)
+        ax.set_xlabel("examples seen (rollouts the target was trained on)")
+        ax.set_title(panel if panel != "phi" else "Phi (higher is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _snapshots(slices: list[dict[str, Any]], count: int = 6) -> list[dict[str, Any]]:
+    if len(slices) <= count:
+        return slices
+    picks = sorted({round(i * (len(slices) - 1) / (count - 1)) for i in range(count)})
+    return [slices[i] for i in picks]
+
+
+def lm_head_strip(arms: list[Any], pattern: list[list[float]], path: Path) -> Path:
+    """The pattern, then sign(P - P0) of the validation target's slice at chosen steps, one row per arm."""
+    plt = _pyplot()
+    import numpy as np
+
+    with_slices = [a for a in arms if a.slices]
+    cols = 1 + max(len(_snapshots(a.slices)) for a in with_slices)
+    fig, axes = plt.subplots(len(with_slices), cols, figsize=(1.5 * cols, 1.9 * len(with_slices)), squeeze=False)
+    target = np.asarray(pattern)
+    for r, arm in enumerate(with_slices):
+        axes[r][0].imshow(-target, cmap="gray", vmin=-1, vmax=1)
+        axes[r][0].set_title("pattern", fontsize=8)
+        axes[r][0].set_ylabel(arm.arm)
+        shots = _snapshots(arm.slices)
+        for c in range(1, cols):
+            ax = axes[r][c]
+            if c - 1 < len(shots):
+                delta = np.sign(np.asarray(shots[c - 1]["delta"]))
+                accuracy = float((delta == target).mean())
+                ax.imshow(-delta, cmap="gray", vmin=-1, vmax=1)
+                ax.set_title(f"step {shots[c - 1]['step']}\n{accuracy:.0%}", fontsize=8)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("LM-head slice: sign of the change after fine-tuning on validation rollouts", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def lm_head_gif(arm: Any, pattern: list[list[float]], path: Path, scale: int = 24) -> Path:
+    """Animated GIF: pattern (left) and the slice's sign(P - P0) (right) at every validation."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    target = np.asarray(pattern)
+    frames = []
+    for shot in arm.slices:
+        delta = np.sign(np.asarray(shot["delta"]))
+        both = np.concatenate([target, np.zeros((target.shape[0], 1)), delta], axis=1)
+        pixels = np.where(both > 0, 0, np.where(both < 0, 255, 160)).astype(np.uint8)
+        image = Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
+        canvas = Image.new("L", (image.width, image.height + 18), 255)
+        canvas.paste(image, (0, 18))
+        ImageDraw.Draw(canvas).text((2, 2), f"{arm.arm} step {shot['step']}: {(delta == target).mean():.0%}",
+                                    fill=0)
+        frames.append(canvas)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=400, loop=0)
+    return path
+
+
+def summarise(arms: list[Any]) -> dict[str, Any]:
+    key = readout_key([r for a in arms for r in a.rows])
+    out: dict[str, Any] = {"readout": key, "arms": {}}
+    for arm in arms:
+        xs, ys = validation_series(arm.rows, key) if key else ([], [])
+        _, phis = validation_series(arm.rows, "phi")
+        entry: dict[str, Any] = {"steps": arm.rows[-1]["step"] if arm.rows else 0,
+                                 "examples_seen": arm.rows[-1]["examples_seen"] if arm.rows else 0}
+        if ys:
+            entry.update(start=ys[0], final=ys[-1], best=max(ys), worst=min(ys))
+        if phis:
+            entry.update(phi_start=phis[0], phi_final=phis[-1])
+        if key == "pixel_accuracy":
+            entry["examples_to"] = {f"{t:.0%}": first_reaching(arm.rows, key, t) for t in THRESHOLDS}
+        out["arms"][arm.arm] = entry
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "not reached"
+    if isinstance(value, float):
+        return f"{value:.4g}" if not math.isnan(value) else "nan"
+    return str(value)
+
+
+def write_dpg_report(config: Any, out: Path, arms: list[Any]) -> tuple[Path, dict[str, Any]]:
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    summary = summarise(arms)
+    key = summary["readout"]
+    images = [curves(arms, plots / "curves.png")]
+    pattern = None
+    if config.target.kind == "lm_head_pattern" and any(a.slices for a in arms):
+        from datasteer.dpg.build import render_pattern
+
+        pattern = render_pattern(config.target.pattern).tolist()
+        images.append(lm_head_strip(arms, pattern, plots / "lm_head.png"))
+        for arm in arms:
+            if arm.slices:
+                images.append(lm_head_gif(arm, pattern, plots / f"lm_head-{arm.arm}.gif"))
+    lines = [f"# DPG: {config.name}", "", config.description.strip(), "",
+             f"Generator `{config.generator.model}`, target `{config.target.model}`, target kind "
+             f"`{config.target.kind}`; {config.grpo.steps} policy steps of {config.grpo.prompts_per_step} prompts x "
+             f"{config.grpo.num_generations} rollouts; the target is fine-tuned with {config.inner.optimizer} "
+             f"(lr {config.inner.learning_rate}, batches of {config.inner.batch_size}) from its initial weights "
+             "at every step.", "",
+             "Validation: a fresh target fine-tuned on the generator's rollouts for held-out prompts "
+             "(step 0 = the untrained generator).", "", "## Headline", ""]
+    header = ["arm", "examples seen", f"{key} at step 0", f"{key} final", f"{key} best", "Phi at step 0",
+              "Phi final"]
+    if key == "pixel_accuracy":
+        header += ["examples to 90%", "examples to 95%"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, entry in summary["arms"].items():
+        cells = [arm, entry["examples_seen"], entry.get("start"), entry.get("final"), entry.get("best"),
+                 entry.get("phi_start"), entry.get("phi_final")]
+        if key == "pixel_accuracy":
+            cells += [entry["examples_to"]["90%"], entry["examples_to"]["95%"]]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    lines += ["", "## Plots", ""]
+    lines += [f"![{p.stem}](plots/{p.name})" for p in images]
+    lines += ["", "## Files", "", "Per arm: `metrics.jsonl` (every step), `slices.jsonl` (LM-head slices at "
+              "validations), `checkpoints/`, `model/` (the trained generator), `manifest.json`.", ""]
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(str(x) for x in lines))
+    return report, summary
