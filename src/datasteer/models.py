@@ -6,7 +6,8 @@ Specs:
                      safetensors in the user cache directory; later loads take a second or two.
   tiny:<arch>        a tiny randomly initialised model (llama, gpt2, qwen2) with the embedded
                      tokenizer, seeded, for tests and demos: tiny:llama or
-                     tiny:llama?layers=2&hidden=64&heads=4&seed=0
+                     tiny:llama?layers=2&hidden=64&heads=4&seed=0; tokenizer=chars gives it a
+                     character-level tokenizer of 100 tokens instead (models.char_tokenizer)
   <local dir>        a directory holding config.json and weights (save_pretrained output)
   <HF id>            a Hugging Face hub id (needs a network or a warm HF cache)
 
@@ -84,10 +85,13 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
             raise ModelNotFoundError(f"unknown tiny architecture '{arch}'; available: "
                                      + ", ".join(f"tiny:{a}" for a in TINY_ARCHS))
         options = dict(parse_qsl(query))
-        unknown = set(options) - {"layers", "hidden", "heads", "seed"}
+        unknown = set(options) - {"layers", "hidden", "heads", "seed", "tokenizer"}
         if unknown:
             raise ModelNotFoundError(f"unknown tiny model option(s) {sorted(unknown)} in '{spec}'; "
-                                     "use layers, hidden, heads, seed")
+                                     "use layers, hidden, heads, seed, tokenizer")
+        if options.get("tokenizer", "embedded") not in TINY_TOKENIZERS:
+            raise ModelNotFoundError(f"unknown tiny tokenizer '{options['tokenizer']}' in '{spec}'; use "
+                                     + " or ".join(TINY_TOKENIZERS))
         return "tiny", arch, options
     if os.path.isdir(os.path.expanduser(spec)):
         return "local", os.path.expanduser(spec), {}
@@ -168,11 +172,36 @@ def _publish(target: Path, save: Any) -> Path:
     return target
 
 
+TINY_TOKENIZERS = ("embedded", "chars")
+
+
+def char_tokenizer() -> Any:
+    """A character-level tokenizer: <pad> <s> </s> <unk>, then newline and the 95 printable ASCII characters.
+
+    For tiny models whose cost should not be a 49,152-row LM head (the DPG CPU demos): with ~100 tokens the
+    generator's sampling, its policy gradient and the target's metagradients are all cheap.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
 def _build_tiny(arch: str, options: dict[str, str], dtype: Any, extra: dict[str, Any] | None = None) -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(_tiny_tokenizer_dir()))
+    if options.get("tokenizer") == "chars":
+        tokenizer = char_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(_tiny_tokenizer_dir()))
     try:
         hidden = int(options.get("hidden", 64))
         layers = int(options.get("layers", 2))
@@ -227,10 +256,12 @@ def resolve_device(device: str = "auto") -> str:
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a model spec alone (cheap: the embedded and tiny models share a cached one)."""
-    kind, name, _ = parse_spec(spec)
+    kind, name, options = parse_spec(spec)
     _quiet_transformers()
     from transformers import AutoTokenizer
 
+    if kind == "tiny" and options.get("tokenizer") == "chars":
+        return char_tokenizer()
     if kind in ("embedded", "tiny"):
         return AutoTokenizer.from_pretrained(str(_tiny_tokenizer_dir()))
     try:

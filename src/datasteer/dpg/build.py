@@ -55,8 +55,8 @@ def build_target(spec: TargetSpec, model: torch.nn.Module, tokenizer: Any) -> Ta
     return custom(spec.function)
 
 
-def allowed_token_ids(allowed: str | list[str], tokenizer: Any) -> list[int] | None:
-    """None for 'all'; else the ids the generator may write, always with EOS so that it can stop."""
+def allowed_token_ids(allowed: str | list[str], tokenizer: Any, eos: bool = True) -> list[int] | None:
+    """None for 'all'; else the ids the generator may write, with EOS (so that it can stop) unless `eos` is False."""
     if allowed == "all":
         return None
     if allowed == "printable":
@@ -68,7 +68,7 @@ def allowed_token_ids(allowed: str | list[str], tokenizer: Any) -> list[int] | N
             if len(found) != 1:
                 raise InputError(f"allowed token {piece!r} is {len(found)} tokens for this tokenizer, not one")
             ids.append(found[0])
-    if tokenizer.eos_token_id is not None:
+    if eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))
 

@@ -72,6 +72,8 @@ class GeneratorSpec(StrictModel):
     allowed_tokens: Literal["all", "printable"] | list[str] = Field(
         "all", description="'printable': the generator writes single printable ASCII characters (and EOS) only, "
         "applied as a logit mask in sampling and in the policy's log-probabilities alike")
+    allow_eos: bool = Field(True, description="with allowed_tokens: whether EOS is allowed too (false: every "
+                            "rollout has max_completion_length tokens, so the policy cannot learn to say nothing)")
     lora: dict | None = Field(None, description="peft LoraConfig arguments (r, lora_alpha, target_modules, ...); "
                               "None trains every weight")
 

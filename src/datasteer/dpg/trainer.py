@@ -41,7 +41,8 @@ from rich.console import Console
 from datasteer.config import PromptsConfig, fingerprint
 from datasteer.dpg.build import allowed_token_ids, build_target, check_target, restrict_vocabulary
 from datasteer.dpg.config import DPGConfig
-from datasteer.dpg.rewards import Rewards, batch_advantages, dpg_rewards, group_advantages, naive_rewards
+from datasteer.dpg.rewards import (Rewards, batch_advantages, dpg_rewards, group_advantages, naive_rewards,
+                                   target_examples)
 from datasteer.dpg.targets import LMHeadPattern, Target
 from datasteer.errors import ConfigError, InputError
 from datasteer.io import Prompt, describe_input, read_prompts
@@ -131,6 +132,11 @@ class RewardFunction:
         k = self.config.grpo.num_generations
         texts = self.texts(completion_ids)
         groups = [i // k for i in range(len(texts))]  # TRL's sampler repeats each prompt k times in a row
+        if not target_examples(texts, self.target_tokenizer, self.config.inner.max_length)[0]:
+            # nothing to train the target on (every rollout under two tokens): no signal, no crash
+            self.last = {"rollouts": len(texts), "untrainable": len(texts), "phi": None, "readout": {},
+                         "reward_seconds": round(time.perf_counter() - start, 3), "sample": texts[0][:200]}
+            return [0.0] * len(texts)
         if self.arm == "dpg":
             result = dpg_rewards(self.target_model, self.target_tokenizer, texts, self.target, self.config.inner)
             advantages = group_advantages(result.rewards, groups)
@@ -193,8 +199,6 @@ def sample_rollouts(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], 
 def validate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], config: DPGConfig,
              target_model: torch.nn.Module, target_tokenizer: Any, target: Target, step: int) -> tuple[dict[str, Any], list | None]:
     """A fresh target (its initial weights) fine-tuned on rollouts for held-out prompts: Phi and readout."""
-    from datasteer.dpg.rewards import target_examples
-
     n = config.validation.num_generations or config.grpo.num_generations
     texts = sample_rollouts(model, tokenizer, prompts, n, config, derive_seed(config.seed, "validation", step))
     examples, _ = target_examples(texts, target_tokenizer, config.inner.max_length)
@@ -267,7 +271,7 @@ def run_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], held_
     tokenizer, target_tokenizer = generator.tokenizer, target_loaded.tokenizer
     target_model = target_loaded.model
     target = build_target(config.target, target_model, target_tokenizer)
-    allowed = allowed_token_ids(config.generator.allowed_tokens, tokenizer)
+    allowed = allowed_token_ids(config.generator.allowed_tokens, tokenizer, config.generator.allow_eos)
     if allowed is not None:
         restrict_vocabulary(generator.model, allowed)
         if isinstance(target, LMHeadPattern):
@@ -330,7 +334,9 @@ def run_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], held_
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             step = state.global_step
-            row = {"step": step, "examples_seen": step * batch, **(reward.last or {})}
+            # with num_iterations > 1, TRL takes that many optimizer steps on each batch of rollouts
+            batches = -(-step // grpo.num_iterations)
+            row = {"step": step, "examples_seen": batches * batch, **(reward.last or {})}
             if step % every == 0 or step == grpo.steps:
                 validation(row, kwargs["model"])
             append_jsonl(metrics_path, row)

@@ -86,7 +86,7 @@ def lm_head_strip(arms: list[Any], pattern: list[list[float]], path: Path) -> Pa
 
     with_slices = [a for a in arms if a.slices]
     cols = 1 + max(len(_snapshots(a.slices)) for a in with_slices)
-    fig, axes = plt.subplots(len(with_slices), cols, figsize=(1.5 * cols, 1.9 * len(with_slices)), squeeze=False)
+    fig, axes = plt.subplots(len(with_slices), cols, figsize=(1.5 * cols, 2.3 * len(with_slices)), squeeze=False)
     target = np.asarray(pattern)
     for r, arm in enumerate(with_slices):
         axes[r][0].imshow(-target, cmap="gray", vmin=-1, vmax=1)
