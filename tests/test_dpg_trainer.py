@@ -28,9 +28,9 @@ def recipe(tmp_path: Path, **over) -> dict:
     held = write_prompts(tmp_path / "held.jsonl", [f"held-out prompt {i}" for i in range(3)])
     data = {
         "name": "tiny", "seed": 3,
-        "generator": {"model": "tiny:llama?hidden=32&layers=1&heads=2&seed=1", "chat": False,
+        "generator": {"model": "tiny:llama?hidden=32&layers=1&heads=2&seed=1&tokenizer=chars", "chat": False,
                       "allowed_tokens": ALPHABET},
-        "target": {"model": "tiny:gpt2?hidden=16&layers=1&heads=2&seed=2", "kind": "lm_head_pattern",
+        "target": {"model": "tiny:gpt2?hidden=16&layers=1&heads=2&seed=2&tokenizer=chars", "kind": "lm_head_pattern",
                    "pattern": {"glyph": "67"}},
         "inner": {"optimizer": "sgd", "learning_rate": 1.0, "batch_size": 4, "max_length": 16},
         "grpo": {"steps": 4, "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 8,

@@ -79,3 +79,19 @@ def test_embedded_cache_matches_gguf_and_is_fast(tmp_path, monkeypatch):
     for name, tensor in second.model.state_dict().items():
         assert torch.equal(tensor, reference[name]), name
     assert first.tokenizer.chat_template == second.tokenizer.chat_template
+
+
+def test_character_tokenizer_for_tiny_models():
+    from datasteer.models import load_tokenizer
+
+    loaded = load_model("tiny:gpt2?hidden=16&layers=1&heads=2&tokenizer=chars")
+    tok = loaded.tokenizer
+    text = "Hello, world!\n3f2a-6c1e ~{}"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    assert len(tok) == 100 == loaded.model.config.vocab_size
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.decode(tok("é", add_special_tokens=False)["input_ids"]) == "<unk>"
+    assert load_tokenizer("tiny:llama?tokenizer=chars").get_vocab() == tok.get_vocab()
+    with pytest.raises(ModelNotFoundError, match="unknown tiny tokenizer"):
+        load_model("tiny:gpt2?tokenizer=bytes")

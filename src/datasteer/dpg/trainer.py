@@ -328,7 +328,8 @@ def run_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], held_
     class Callback(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if done_step == 0:  # the untrained generator: the baseline every curve starts from
-                row = {"step": 0, "examples_seen": 0}
+                params = {name: p.detach() for name, p in target_model.named_parameters()}
+                row = {"step": 0, "examples_seen": 0, "untrained": target.readout(target_model, params)}
                 validation(row, kwargs["model"])
                 append_jsonl(metrics_path, row)
 

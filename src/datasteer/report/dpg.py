@@ -12,6 +12,7 @@ from datasteer.runs import atomic_write_text
 
 ARM_COLOURS = {"dpg": "#d62728", "naive": "#1f77b4"}
 THRESHOLDS = (0.90, 0.95)
+LOWER_IS_BETTER = {"l2", "loss"}  # readouts that Phi drives down (Phi itself is always higher-is-better)
 
 
 def readout_key(rows: list[dict[str, Any]]) -> str | None:
@@ -139,8 +140,12 @@ def summarise(arms: list[Any]) -> dict[str, Any]:
         _, phis = validation_series(arm.rows, "phi")
         entry: dict[str, Any] = {"steps": arm.rows[-1]["step"] if arm.rows else 0,
                                  "examples_seen": arm.rows[-1]["examples_seen"] if arm.rows else 0}
+        untrained = (arm.rows[0].get("untrained") or {}) if arm.rows else {}
+        if key in untrained:
+            entry["untrained"] = untrained[key]
         if ys:
-            entry.update(start=ys[0], final=ys[-1], best=max(ys), worst=min(ys))
+            best = min(ys) if key in LOWER_IS_BETTER else max(ys)
+            entry.update(start=ys[0], final=ys[-1], best=best, change=ys[-1] - ys[0])
         if phis:
             entry.update(phi_start=phis[0], phi_final=phis[-1])
         if key == "pixel_accuracy":
@@ -179,14 +184,15 @@ def write_dpg_report(config: Any, out: Path, arms: list[Any]) -> tuple[Path, dic
              f"(lr {config.inner.learning_rate}, batches of {config.inner.batch_size}) from its initial weights "
              "at every step.", "",
              "Validation: a fresh target fine-tuned on the generator's rollouts for held-out prompts "
-             "(step 0 = the untrained generator).", "", "## Headline", ""]
-    header = ["arm", "examples seen", f"{key} at step 0", f"{key} final", f"{key} best", "Phi at step 0",
+             "(step 0 = the untrained generator, i.e. data nobody steered; the untrained target = before any "
+             "fine-tuning).", "", "## Headline", ""]
+    header = ["arm", "examples seen", f"{key} of the untrained target", f"{key} at step 0", f"{key} final", f"{key} best", "Phi at step 0",
               "Phi final"]
     if key == "pixel_accuracy":
         header += ["examples to 90%", "examples to 95%"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, entry in summary["arms"].items():
-        cells = [arm, entry["examples_seen"], entry.get("start"), entry.get("final"), entry.get("best"),
+        cells = [arm, entry["examples_seen"], entry.get("untrained"), entry.get("start"), entry.get("final"), entry.get("best"),
                  entry.get("phi_start"), entry.get("phi_final")]
         if key == "pixel_accuracy":
             cells += [entry["examples_to"]["90%"], entry["examples_to"]["95%"]]
