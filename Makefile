@@ -1,5 +1,6 @@
 # Two commands for a fresh machine:
-#   make demo   set up, then run the active-inheritance CPU demo on the embedded SmolLM2-135M-Instruct
+#   make demo   set up, then run the CPU demos: active inheritance on the embedded SmolLM2-135M-Instruct, then
+#               DPG writing "67" into a tiny target's LM head
 #   make test   set up, then run the whole test suite offline
 PYTHON ?= python3
 VENV   := .venv
@@ -22,6 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/datasteer demo inherit --out runs/demo-inherit
+	$(BIN)/datasteer demo dpg --out runs/demo-dpg
 
 demo-generate: $(STAMP)
 	$(BIN)/datasteer generate --config recipes/demo-generate.yaml --out runs/demo-generate

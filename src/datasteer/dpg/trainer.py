@@ -197,7 +197,8 @@ def sample_rollouts(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], 
 
 
 def validate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], config: DPGConfig,
-             target_model: torch.nn.Module, target_tokenizer: Any, target: Target, step: int) -> tuple[dict[str, Any], list | None]:
+             target_model: torch.nn.Module, target_tokenizer: Any, target: Target,
+             step: int) -> tuple[dict[str, Any], list | None]:
     """A fresh target (its initial weights) fine-tuned on rollouts for held-out prompts: Phi and readout."""
     n = config.validation.num_generations or config.grpo.num_generations
     texts = sample_rollouts(model, tokenizer, prompts, n, config, derive_seed(config.seed, "validation", step))

@@ -186,14 +186,14 @@ def write_dpg_report(config: Any, out: Path, arms: list[Any]) -> tuple[Path, dic
              "Validation: a fresh target fine-tuned on the generator's rollouts for held-out prompts "
              "(step 0 = the untrained generator, i.e. data nobody steered; the untrained target = before any "
              "fine-tuning).", "", "## Headline", ""]
-    header = ["arm", "examples seen", f"{key} of the untrained target", f"{key} at step 0", f"{key} final", f"{key} best", "Phi at step 0",
-              "Phi final"]
+    header = ["arm", "examples seen", f"{key} of the untrained target", f"{key} at step 0", f"{key} final",
+              f"{key} best", "Phi at step 0", "Phi final"]
     if key == "pixel_accuracy":
         header += ["examples to 90%", "examples to 95%"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, entry in summary["arms"].items():
-        cells = [arm, entry["examples_seen"], entry.get("untrained"), entry.get("start"), entry.get("final"), entry.get("best"),
-                 entry.get("phi_start"), entry.get("phi_final")]
+        cells = [arm, entry["examples_seen"], entry.get("untrained"), entry.get("start"), entry.get("final"),
+                 entry.get("best"), entry.get("phi_start"), entry.get("phi_final")]
         if key == "pixel_accuracy":
             cells += [entry["examples_to"]["90%"], entry["examples_to"]["95%"]]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
