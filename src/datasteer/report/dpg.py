@@ -141,7 +141,7 @@ def summarise(arms: list[Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {"steps": arm.rows[-1]["step"] if arm.rows else 0,
                                  "examples_seen": arm.rows[-1]["examples_seen"] if arm.rows else 0}
         untrained = (arm.rows[0].get("untrained") or {}) if arm.rows else {}
-        if key in untrained:
+        if key in untrained and key != "pixel_accuracy":  # an untrained slice has no change, so no sign
             entry["untrained"] = untrained[key]
         if ys:
             best = min(ys) if key in LOWER_IS_BETTER else max(ys)
