@@ -378,14 +378,21 @@ def _set_value(data: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {key}: the parent is not a section of the recipe")
 
 
-def run_inherit(recipe: Path, out: Path, overrides: list[str], overwrite: bool, quiet: bool) -> None:
-    from datasteer.config import InheritConfig, build, load_recipe
-    from datasteer.inheritance.pipeline import inherit as run_pipeline
+def _recipe_config(model: Any, recipe: Path, overrides: list[str]) -> Any:
+    """A recipe (file or built-in name) with --set overrides, validated into `model`."""
+    from datasteer.config import build, load_recipe
 
     data = load_recipe(recipe)
     for item in overrides:
         _set_value(data, item)
-    cfg = build(InheritConfig, data, f"recipe {recipe}")
+    return build(model, data, f"recipe {recipe}")
+
+
+def run_inherit(recipe: Path, out: Path, overrides: list[str], overwrite: bool, quiet: bool) -> None:
+    from datasteer.config import InheritConfig
+    from datasteer.inheritance.pipeline import inherit as run_pipeline
+
+    cfg = _recipe_config(InheritConfig, recipe, overrides)
     result = run_pipeline(cfg, out, overwrite=overwrite, progress=not quiet)
     typer.echo(f"report: {result.report}")
     for line in result.headline():
@@ -405,7 +412,8 @@ def inherit(
     run_inherit(recipe, out or Path("runs") / recipe.stem, set_, overwrite, quiet)
 
 
-demo_app = typer.Typer(help="Demos on the embedded model, sized for a CPU.", no_args_is_help=True)
+demo_app = typer.Typer(help="Demos sized for a CPU: the embedded SmolLM2 (inherit) and tiny models (dpg).",
+                       no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 
 
@@ -423,14 +431,10 @@ def demo_inherit(
 
 
 def run_dpg(recipe: Path, out: Path, overrides: list[str], overwrite: bool, quiet: bool) -> None:
-    from datasteer.config import build, load_recipe
     from datasteer.dpg.config import DPGConfig
     from datasteer.dpg.trainer import dpg as run_training
 
-    data = load_recipe(recipe)
-    for item in overrides:
-        _set_value(data, item)
-    cfg = build(DPGConfig, data, f"recipe {recipe}")
+    cfg = _recipe_config(DPGConfig, recipe, overrides)
     result = run_training(cfg, out, overwrite=overwrite, progress=not quiet)
     typer.echo(f"report: {result.report}")
     key = result.summary["readout"] or "phi"
