@@ -7,9 +7,14 @@ import pytest
 import torch
 
 from datasteer.config import FinetuneConfig, InheritConfig, ProfileConfig
+from datasteer.dpg.config import DPGConfig
 from datasteer.errors import InputError
 from datasteer.inheritance.compare import compare, paired_difference
-from datasteer.inheritance.finetune import finetune, restrict_to_last_layers, tokenize_rows
+from datasteer.inheritance.finetune import (
+    finetune,
+    restrict_to_last_layers,
+    tokenize_rows,
+)
 from datasteer.inheritance.profile import load_profile, profile
 from datasteer.models import load_model, load_tokenizer
 from tests.conftest import TINY, write_prompts
@@ -276,9 +281,11 @@ def test_every_shipped_recipe_validates_and_prompt_sets_are_disjoint():
     names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
     assert {"demo-inherit", "mtld-max", "length-max", "toxicity-min", "multi-source"} <= set(names)
     assert any(n.startswith("gpu-paper") for n in names)
+    assert {"demo-dpg-67", "demo-dpg-l2", "demo-dpg-uuid", "gpu-paper-67", "gpu-paper-qr"} <= set(names)
     for name in names:
         data = load_recipe(recipe_path(name))
-        build(GenerateConfig if name == "demo-generate" else InheritConfig, data, name)
+        kind = DPGConfig if "generator" in data else GenerateConfig if name == "demo-generate" else InheritConfig
+        build(kind, data, name)
         assert load_recipe(name) == data  # a bare name finds the built-in recipe
     with pytest.raises(InputError, match="built-in name: .*demo-inherit"):
         load_recipe("no-such-recipe")
@@ -287,6 +294,8 @@ def test_every_shipped_recipe_validates_and_prompt_sets_are_disjoint():
     held = [r["prompt"] for r in read_rows(sets["instructions-heldout"])]
     assert len(set(train)) == len(train) >= 200 and len(set(held)) == len(held) >= 100
     assert not set(train) & set(held)
+    seeds, probes = (set(r["prompt"] for r in read_rows(sets[n])) for n in ("seeds-train", "seeds-heldout"))
+    assert len(seeds) == 256 and len(probes) == 64 and not seeds & probes
 
 
 @pytest.mark.parametrize("where, spec, words", [
