@@ -181,3 +181,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert final.returncode == 0, final.stderr
     for name in ("metrics.jsonl", "slices.jsonl"):
         assert _comparable(read_jsonl(crashed / "dpg" / name)) == _comparable(read_jsonl(reference / "dpg" / name))
+
+
+def test_lora_generator_with_a_kl_term(tmp_path):
+    data = recipe(tmp_path, save_steps=10)
+    data["generator"]["lora"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    data["grpo"].update(steps=2, kl_beta=0.04)
+    dpg(build(DPGConfig, data), tmp_path / "run", progress=False)
+    rows = read_jsonl(tmp_path / "run" / "dpg" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert (tmp_path / "run" / "dpg" / "model" / "adapter_config.json").is_file()  # an adapter, not full weights
