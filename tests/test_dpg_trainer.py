@@ -125,6 +125,7 @@ def test_restricted_vocabulary_reaches_sampling_and_trl_scoring():
     ({"target": {"model": "tiny:gpt2", "kind": "lm_head_pattern", "pattern": {"file": "missing.txt"}}},
      "missing.txt"),
     ({"generator": {"model": "tiny:nope"}}, "unknown tiny architecture"),
+    ({"generator": {"model": "tiny:llama", "lora": {"rank": 4}}}, "generator.lora"),
 ])
 def test_bad_recipes_exit_2_and_write_nothing(tmp_path, change, message):
     data = recipe(tmp_path, **change)
@@ -191,3 +192,21 @@ def test_lora_generator_with_a_kl_term(tmp_path):
     rows = read_jsonl(tmp_path / "run" / "dpg" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert (tmp_path / "run" / "dpg" / "model" / "adapter_config.json").is_file()  # an adapter, not full weights
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_validation_prompts_are_encoded_as_trl_encodes_training_prompts(chat):
+    """Validation samples from `encode_prompts`; TRL tokenises the dataset prompts `_prompt_value` builds."""
+    from datasteer.dpg.trainer import _prompt_value
+    from datasteer.generation.transformers_backend import encode_prompts
+
+    tokenizer = load_model("tiny:llama?hidden=16&layers=1&heads=2").tokenizer  # has a chat template
+    prompt, system = "seed 7", "Write symbols."
+    value = _prompt_value(prompt, chat, system)
+    if chat:  # TRL's conversational path
+        trl_ids = tokenizer.apply_chat_template(conversation=[value], add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"][0]
+    else:  # TRL's plain-text path
+        trl_ids = tokenizer(text=[value])["input_ids"][0]
+    enc = encode_prompts(tokenizer, [prompt], system, chat)
+    assert enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist() == list(trl_ids)

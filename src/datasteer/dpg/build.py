@@ -7,9 +7,9 @@ from typing import Any
 import torch
 
 from datasteer.dpg import glyphs
-from datasteer.dpg.config import PatternSpec, TargetSpec
+from datasteer.dpg.config import DPGConfig, PatternSpec, TargetSpec
 from datasteer.dpg.targets import Target, custom, l2_norm, lm_head_pattern, printable_token_ids, text_loss
-from datasteer.errors import ConfigError, InputError
+from datasteer.errors import ConfigError, InputError, optional_import
 
 
 def render_pattern(spec: PatternSpec) -> torch.Tensor:
@@ -41,6 +41,18 @@ def check_target(spec: TargetSpec) -> None:
         from datasteer.metrics.custom import load_function
 
         load_function(spec.function)
+
+
+def check_generator(config: DPGConfig) -> None:
+    """The generator's options that can fail before a model loads: LoRA arguments, vLLM installed."""
+    if config.generator.lora is not None:
+        peft = optional_import("peft", "a LoRA generator", "pip install 'datasteer[train]'")
+        try:
+            peft.LoraConfig(task_type="CAUSAL_LM", **config.generator.lora)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"generator.lora: {str(err).splitlines()[0]}") from None
+    if config.grpo.use_vllm:
+        optional_import("vllm", "grpo.use_vllm", "pip install 'datasteer[vllm]'")
 
 
 def build_target(spec: TargetSpec, model: torch.nn.Module, tokenizer: Any) -> Target:

@@ -39,12 +39,15 @@ import torch
 from rich.console import Console
 
 from datasteer.config import PromptsConfig, fingerprint
-from datasteer.dpg.build import allowed_token_ids, build_target, check_target, restrict_vocabulary
+from datasteer.dpg.build import (allowed_token_ids, build_target, check_generator, check_target,
+                                 restrict_vocabulary)
 from datasteer.dpg.config import DPGConfig
 from datasteer.dpg.rewards import (Rewards, batch_advantages, dpg_rewards, group_advantages, naive_rewards,
                                    target_examples)
 from datasteer.dpg.targets import LMHeadPattern, Target
 from datasteer.errors import ConfigError, InputError
+from datasteer.generation.base import chat_messages, plain_prompt
+from datasteer.generation.transformers_backend import encode_prompts
 from datasteer.io import Prompt, describe_input, read_prompts
 from datasteer.metagrad import train
 from datasteer.models import load_model, parse_spec
@@ -101,10 +104,8 @@ def _chat(config: DPGConfig, tokenizer: Any) -> bool:
 
 
 def _prompt_value(text: str, chat: bool, system: str | None) -> Any:
-    if not chat:
-        return text
-    messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": text}]
+    """A dataset prompt for TRL: messages (its chat path) or plain text, as `encode_prompts` renders them."""
+    return chat_messages(text, system) if chat else plain_prompt(text, system)
 
 
 # ---------------------------------------------------------------- the reward function TRL calls
@@ -166,25 +167,25 @@ def _step_record(result: Rewards, texts: list[str], completion_ids: list[list[in
 
 # ---------------------------------------------------------------- validation
 
-def sample_rollouts(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], n: int, config: DPGConfig,
-                    seed: int) -> list[str]:
-    """n sampled completions per prompt with the generator's current weights, under a forked RNG."""
+def sample_rollouts(model: torch.nn.Module, tokenizer: Any, prompts: list[str], n: int, config: DPGConfig,
+                    chat: bool, seed: int) -> list[str]:
+    """n sampled completions per prompt with the generator's current weights, under a forked RNG.
+
+    Prompts are encoded by generation's `encode_prompts` (chat template, or plain text with the tokenizer's
+    special tokens), which renders them as TRL does for training.
+    """
     grpo = config.grpo
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     texts: list[str] = []
     pad_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)
             for start in range(0, len(prompts), 16):
-                chunk = prompts[start:start + 16]
-                if isinstance(chunk[0], list):
-                    chunk = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                             for p in chunk]
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                enc = encode_prompts(tokenizer, prompts[start:start + 16], config.generator.system_prompt,
+                                     chat).to(device)
                 out = model.generate(**enc, do_sample=True, temperature=grpo.temperature, top_p=grpo.top_p,
                                      top_k=0, max_new_tokens=grpo.max_completion_length, num_return_sequences=n,
                                      pad_token_id=tokenizer.pad_token_id)
@@ -196,12 +197,13 @@ def sample_rollouts(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], 
     return texts
 
 
-def validate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], config: DPGConfig,
+def validate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], chat: bool, config: DPGConfig,
              target_model: torch.nn.Module, target_tokenizer: Any, target: Target,
              step: int) -> tuple[dict[str, Any], list | None]:
     """A fresh target (its initial weights) fine-tuned on rollouts for held-out prompts: Phi and readout."""
     n = config.validation.num_generations or config.grpo.num_generations
-    texts = sample_rollouts(model, tokenizer, prompts, n, config, derive_seed(config.seed, "validation", step))
+    texts = sample_rollouts(model, tokenizer, prompts, n, config, chat,
+                            derive_seed(config.seed, "validation", step))
     examples, _ = target_examples(texts, target_tokenizer, config.inner.max_length)
     if not examples:
         return {"rollouts": len(texts), "trained": 0, "phi": None}, None
@@ -284,7 +286,7 @@ def run_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], held_
     chat = _chat(config, tokenizer)
     dataset = Dataset.from_dict({"prompt": [_prompt_value(p.prompt, chat, config.generator.system_prompt)
                                             for p in prompts]})
-    held_values = [_prompt_value(p.prompt, chat, config.generator.system_prompt) for p in held_out]
+    held_texts = [p.prompt for p in held_out]
     grpo = config.grpo
     batch = config.grpo.prompts_per_step * grpo.num_generations
     on_cpu = next(generator.model.parameters()).device.type == "cpu"
@@ -320,8 +322,8 @@ def run_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], held_
 
     def validation(row: dict[str, Any], model: torch.nn.Module) -> None:
         step = row["step"]
-        record, delta = validate(model, tokenizer, held_values, config, target_model, target_tokenizer, target,
-                                 step)
+        record, delta = validate(model, tokenizer, held_texts, chat, config, target_model, target_tokenizer,
+                                 target, step)
         row["validation"] = record
         if delta is not None:
             append_jsonl(slices_path, {"step": step, "delta": delta})
@@ -383,6 +385,7 @@ def dpg(config: DPGConfig, out: str | Path, *, overwrite: bool = False, progress
     out = Path(out)
     prompts, held_out = _prompts(config)
     check_target(config.target)
+    check_generator(config)
     for spec in (config.generator.model, config.target.model):
         parse_spec(spec)
     batch = config.grpo.prompts_per_step * config.grpo.num_generations

@@ -41,3 +41,8 @@ def chat_messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": prompt})
     return messages
+
+
+def plain_prompt(prompt: str, system_prompt: str | None) -> str:
+    """A prompt for a model used without its chat template: the system prompt, a blank line, the prompt."""
+    return f"{system_prompt}\n\n{prompt}" if system_prompt else prompt

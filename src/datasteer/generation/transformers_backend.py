@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from datasteer.config import TeacherConfig
-from datasteer.generation.base import Completion, chat_messages
+from datasteer.generation.base import Completion, chat_messages, plain_prompt
 from datasteer.io import Prompt
 from datasteer.models import LoadedModel, load_model
 
@@ -23,15 +23,17 @@ def eos_token_ids(tokenizer: Any, model: Any) -> list[int]:
     return sorted(ids)
 
 
-def encode_prompts(tokenizer: Any, prompts: list[str], system_prompt: str | None) -> Any:
-    """Left-padded input ids, through the chat template when the tokenizer has one."""
+def encode_prompts(tokenizer: Any, prompts: list[str], system_prompt: str | None, chat: bool | None = None) -> Any:
+    """Left-padded input ids, through the chat template when `chat` (default: when the tokenizer has one)."""
     tokenizer.padding_side = "left"
-    if getattr(tokenizer, "chat_template", None):
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    if chat:
         texts = [tokenizer.apply_chat_template(chat_messages(p, system_prompt), tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
         add_special = False  # the template already wrote them
     else:
-        texts = [f"{system_prompt}\n\n{p}" if system_prompt else p for p in prompts]
+        texts = [plain_prompt(p, system_prompt) for p in prompts]
         add_special = True
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
 
