@@ -120,8 +120,6 @@ class DPGConfig(StrictModel):
     eval_prompts: PromptsConfig | None = None
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     save_steps: int = Field(10, ge=1, description="checkpoint every N policy steps (resume restarts there)")
-    snapshot_steps: list[int] | None = Field(None, description="steps whose LM-head slice goes into the strip "
-                                             "plot; default: every validation")
 
     @model_validator(mode="after")
     def _consistent(self) -> DPGConfig:

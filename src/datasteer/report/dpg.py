@@ -52,12 +52,12 @@ def curves(arms: list[Any], path: Path) -> Path:
     for ax, panel in zip(axes[0], panels):
         for i, arm in enumerate(arms):
             c = ARM_COLOURS.get(arm.arm, f"C{i + 2}")
-            steps = [r for r in arm.rows if (r.get("readout") or {}).get(panel) is not None or
-                     (panel == "phi" and r.get("phi") is not None)]
-            if steps:
-                xs = [r["examples_seen"] for r in steps]
-                ys = [r["phi"] if panel == "phi" else r["readout"][panel] for r in steps]
-                ax.plot(xs, ys, color=c, alpha=0.25, lw=1, label=f"{arm.arm}: the step's batch")
+            # each step's own target (trained on that step's rollouts): phi at the top level, the rest in readout
+            values = [(r["examples_seen"], r.get("phi") if panel == "phi" else (r.get("readout") or {}).get(panel))
+                      for r in arm.rows]
+            points = [(x, y) for x, y in values if y is not None]
+            if points:
+                ax.plot(*zip(*points), color=c, alpha=0.25, lw=1, label=f"{arm.arm}: the step's batch")
             vx, vy = validation_series(arm.rows, panel)
             ax.plot(vx, vy, color=c, marker="o", ms=3, lw=2, label=f"{arm.arm}: validation")
         if panel == "pixel_accuracy":
