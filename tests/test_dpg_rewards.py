@@ -73,3 +73,15 @@ def test_advantages():
     assert group_advantages(tiny, [0, 0, 1, 1, 2, 2], eps=1e-12)[1] == pytest.approx(1.0, rel=1e-3)
     whole = batch_advantages(rewards, eps=0.0)
     assert whole.mean().abs() < 1e-12 and whole.std(unbiased=False) == pytest.approx(1.0)
+
+
+def test_a_batch_with_nothing_to_train_gives_no_signal(target_model):
+    model, tokenizer = target_model
+    target = lm_head_pattern(model, glyph("67"), tokenizer)
+    config = SFTConfig(optimizer="sgd", learning_rate=1e-2, batch_size=2, max_length=8)
+    texts = ["", "x", "", "y"]  # every rollout under two tokens
+    for result in (dpg_rewards(model, tokenizer, texts, target, config),
+                   naive_rewards(model, tokenizer, texts, [0, 1, 0, 1], target, config)):
+        assert result.phi is None and result.trained == [False] * 4
+        assert torch.equal(result.rewards, torch.zeros(4, dtype=torch.float64))
+        assert torch.equal(group_advantages(result.rewards, [0, 0, 1, 1]), torch.zeros(4, dtype=torch.float64))

@@ -25,7 +25,8 @@ from datasteer.metagrad import SFTConfig, metagradients, train
 @dataclass
 class Rewards:
     rewards: Tensor                       # [n] float64, one per rollout
-    phi: float                            # Phi of the target after training on the whole batch (DPG) or mean
+    phi: float | None                     # Phi of the target after training on the whole batch (DPG) or the mean
+                                          # over splits (naive); None when no rollout could train the target
     readout: dict[str, float] = field(default_factory=dict)
     trained: list[bool] = field(default_factory=list)   # whether a rollout had at least two tokens to train on
     stats: dict[str, Any] = field(default_factory=dict)
@@ -43,12 +44,17 @@ def target_examples(texts: Sequence[str], tokenizer: Any, max_length: int) -> tu
     return examples, kept
 
 
+def untrainable(n: int) -> Rewards:
+    """No rollout had two tokens: nothing to train the target on, so no signal (every reward 0, Phi unknown)."""
+    return Rewards(torch.zeros(n, dtype=torch.float64), None, {}, [False] * n)
+
+
 def dpg_rewards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], target: Target,
                 config: SFTConfig) -> Rewards:
     examples, kept = target_examples(texts, tokenizer, config.max_length)
     rewards = torch.zeros(len(texts), dtype=torch.float64)
     if not examples:
-        raise InputError("no rollout has two tokens for the target to train on")
+        return untrainable(len(texts))
     result = metagradients(model, examples, target, config)
     rewards[kept] = result.scores
     readout = target.readout(model, result.params)
@@ -78,7 +84,7 @@ def naive_rewards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], 
         for k in kept:
             trained[members[k]] = True
     if not phis:
-        raise InputError("no rollout has two tokens for the target to train on")
+        return untrainable(len(texts))
     mean_phi = sum(phis.values()) / len(phis)
     return Rewards(rewards, mean_phi, {"phi": mean_phi}, trained, {"phi_per_split": phis})
 

@@ -65,10 +65,6 @@ class ArmResult:
     rows: list[dict[str, Any]]
     slices: list[dict[str, Any]] = field(default_factory=list)
 
-    @property
-    def validations(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if "validation" in r]
-
 
 @dataclass
 class DPGResult:
@@ -133,11 +129,6 @@ class RewardFunction:
         k = self.config.grpo.num_generations
         texts = self.texts(completion_ids)
         groups = [i // k for i in range(len(texts))]  # TRL's sampler repeats each prompt k times in a row
-        if not target_examples(texts, self.target_tokenizer, self.config.inner.max_length)[0]:
-            # nothing to train the target on (every rollout under two tokens): no signal, no crash
-            self.last = {"rollouts": len(texts), "untrainable": len(texts), "phi": None, "readout": {},
-                         "reward_seconds": round(time.perf_counter() - start, 3), "sample": texts[0][:200]}
-            return [0.0] * len(texts)
         if self.arm == "dpg":
             result = dpg_rewards(self.target_model, self.target_tokenizer, texts, self.target, self.config.inner)
             advantages = group_advantages(result.rewards, groups)
@@ -318,7 +309,6 @@ def run_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], held_
         truncate_jsonl(path, done_step if resume else -1)  # step 0 is validated again on a fresh start
     every = config.validation.every
     started = time.perf_counter()
-    tracker_console = console
 
     def validation(row: dict[str, Any], model: torch.nn.Module) -> None:
         step = row["step"]
@@ -348,7 +338,7 @@ def run_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], held_
                 elapsed = time.perf_counter() - started
                 rate = elapsed / max(step - done_step, 1)
                 eta = rate * (grpo.steps - step)
-                tracker_console.print(_progress_line(arm, step, grpo.steps, row, eta))
+                console.print(_progress_line(arm, step, grpo.steps, row, eta))
 
     trainer = GRPOTrainer(model=generator.model, reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[Callback()])
