@@ -44,7 +44,8 @@ def check_target(spec: TargetSpec) -> None:
 
 
 def check_generator(config: DPGConfig) -> None:
-    """The generator's options that can fail before a model loads: LoRA arguments, vLLM installed."""
+    """The generator's options that can fail before a model loads: TRL (and LoRA, vLLM) installed, LoRA arguments."""
+    optional_import("trl", "datasteer dpg (GRPO through TRL)", "pip install 'datasteer[train]'")
     if config.generator.lora is not None:
         peft = optional_import("peft", "a LoRA generator", "pip install 'datasteer[train]'")
         try:
