@@ -9,7 +9,7 @@ from datasteer.dpg.glyphs import glyph
 from datasteer.dpg.rewards import batch_advantages, dpg_rewards, group_advantages, naive_rewards, target_examples
 from datasteer.dpg.targets import lm_head_pattern
 from datasteer.errors import InputError
-from datasteer.metagrad import SFTConfig, metagradients, train
+from datasteer.metagrad import TrainingConfig, metagradients, train
 from datasteer.models import load_model
 
 TEXTS = ["The cat sat on the mat.", "", "A quick brown fox!", "Numbers: 6 7 6 7", "x", "Hello there, general."]
@@ -33,7 +33,7 @@ def test_target_examples_retokenise_and_skip_untrainable(target_model):
 def test_dpg_rewards_are_the_engines_scores(target_model):
     model, tokenizer = target_model
     target = lm_head_pattern(model, glyph("67"), tokenizer)
-    config = SFTConfig(optimizer="adamw", learning_rate=1e-2, batch_size=4, max_length=16)
+    config = TrainingConfig(optimizer="adamw", learning_rate=1e-2, batch_size=4, max_length=16)
     result = dpg_rewards(model, tokenizer, TEXTS, target, config)
     examples, kept = target_examples(TEXTS, tokenizer, 16)
     engine = metagradients(model, examples, target, config)
@@ -47,7 +47,7 @@ def test_dpg_rewards_are_the_engines_scores(target_model):
 def test_naive_rewards_are_phi_of_each_split(target_model):
     model, tokenizer = target_model
     target = lm_head_pattern(model, glyph("67"), tokenizer)
-    config = SFTConfig(optimizer="adamw", learning_rate=1e-2, batch_size=4, max_length=16)
+    config = TrainingConfig(optimizer="adamw", learning_rate=1e-2, batch_size=4, max_length=16)
     result = naive_rewards(model, tokenizer, TEXTS, SAMPLE, target, config)
     for split in (0, 1):
         texts = [t for t, s in zip(TEXTS, SAMPLE) if s == split]
@@ -78,7 +78,7 @@ def test_advantages():
 def test_a_batch_with_nothing_to_train_gives_no_signal(target_model):
     model, tokenizer = target_model
     target = lm_head_pattern(model, glyph("67"), tokenizer)
-    config = SFTConfig(optimizer="sgd", learning_rate=1e-2, batch_size=2, max_length=8)
+    config = TrainingConfig(optimizer="sgd", learning_rate=1e-2, batch_size=2, max_length=8)
     texts = ["", "x", "", "y"]  # every rollout under two tokens
     for result in (dpg_rewards(model, tokenizer, texts, target, config),
                    naive_rewards(model, tokenizer, texts, [0, 1, 0, 1], target, config)):

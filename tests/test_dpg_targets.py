@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from datasteer.dpg.glyphs import from_file, from_rows, glyph, qr, to_rows
 from datasteer.dpg.targets import custom, l2_norm, lm_head_pattern, parameter_name, text_loss, writable_token_ids
 from datasteer.errors import ConfigError, InputError
-from datasteer.metagrad import SFTConfig, metagradients, train
+from datasteer.metagrad import TrainingConfig, metagradients, train
 
 
 def test_glyph_67_is_the_papers_7_by_6_pattern():
@@ -139,7 +139,7 @@ def test_custom_target_and_targets_as_metagradient_metrics():
     pattern = lm_head_pattern(model, glyph("67"), token_ids=list(range(10, 17)), beta=20.0)
     examples = [{"input_ids": torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(i)).tolist()}
                 for i in range(4)]
-    config = SFTConfig(optimizer="sgd", learning_rate=0.5, batch_size=2, dtype="float64")
+    config = TrainingConfig(optimizer="sgd", learning_rate=0.5, batch_size=2, dtype="float64")
     result = metagradients(model, examples, pattern, config)
     h = 1e-5
     fd = []

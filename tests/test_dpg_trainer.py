@@ -32,7 +32,7 @@ def recipe(tmp_path: Path, **over) -> dict:
                       "allowed_tokens": ALPHABET},
         "target": {"model": "tiny:gpt2?hidden=16&layers=1&heads=2&seed=2&tokenizer=chars", "kind": "lm_head_pattern",
                    "pattern": {"glyph": "67"}},
-        "inner": {"optimizer": "sgd", "learning_rate": 1.0, "batch_size": 4, "max_length": 16},
+        "training": {"optimizer": "sgd", "learning_rate": 1.0, "batch_size": 4, "max_length": 16},
         "grpo": {"steps": 4, "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 8,
                  "learning_rate": 1e-2},
         "prompts": {"path": str(train)}, "eval_prompts": {"path": str(held)},
@@ -87,7 +87,7 @@ def test_rewards_handed_to_trl_are_the_advantages(tmp_path):
     texts = ["!a!b#c", "$$a%", "&'a!b", "bc!#", "#a#b#c", "''a", "ab!!", "%&c"]
     ids = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     out = torch.tensor(reward(prompts=["p"] * 8, completions=texts, completion_ids=ids), dtype=torch.float64)
-    raw = dpg_rewards(loaded.model, loaded.tokenizer, texts, target, config.inner).rewards
+    raw = dpg_rewards(loaded.model, loaded.tokenizer, texts, target, config.training).rewards
     expected = group_advantages(raw, [0] * 4 + [1] * 4)
     assert torch.allclose(out, expected, atol=1e-6)
     grouped = out.view(2, 4)

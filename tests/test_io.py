@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datasteer.config import PromptsConfig
+from datasteer.io import PromptsConfig
 from datasteer.errors import InputError
 from datasteer.io import read_prompts
 

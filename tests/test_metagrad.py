@@ -13,7 +13,7 @@ from torch.func import functional_call
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, get_scheduler
 
 from datasteer.errors import ConfigError, InputError
-from datasteer.metagrad import SFTConfig, metagradients, train
+from datasteer.metagrad import TrainingConfig, metagradients, train
 from datasteer.metagrad.checkpoint import plan, simulate
 from datasteer.metagrad.data import step_batches
 
@@ -112,7 +112,7 @@ def test_scores_match_central_differences(case, metric):
     model = tiny_gpt2()
     examples = make_examples()
     overrides, h = CASES[case]
-    config = SFTConfig(**{**BASE, **overrides})
+    config = TrainingConfig(**{**BASE, **overrides})
     result = metagradients(model, examples, metric, config, weights=torch.ones(len(examples)))
     assert result.stats["steps"] >= 3
     assert math.isclose(result.value, float(metric(model, train(model, examples, config))), rel_tol=1e-12)
@@ -140,7 +140,7 @@ def test_llama_scores_at_non_unit_weights(monkeypatch, overrides, weights):
                         lambda x, dim=None, _stacklevel=3, dtype=None: softmax(x, dim=dim, dtype=None))
     model = tiny_llama()
     examples = make_examples(5, seed=3)
-    config = SFTConfig(batch_size=2, epochs=2, dtype="float64", **overrides)
+    config = TrainingConfig(batch_size=2, epochs=2, dtype="float64", **overrides)
     weights = torch.tensor(weights, dtype=torch.float64)
     result = metagradients(model, examples, heldout_metric, config, weights=weights)
     h = 1e-5 if overrides["optimizer"] == "sgd" else 1e-7
@@ -158,7 +158,7 @@ def test_optimizer_vjp_matches_autograd(optimizer, step):
     """The hand-written VJP of each update against autograd through the same update, incl. v = 0 coordinates."""
     from datasteer.metagrad.optim import make_optimizer
 
-    opt = make_optimizer(SFTConfig(**optimizer))
+    opt = make_optimizer(TrainingConfig(**optimizer))
     g = torch.Generator().manual_seed(step)
     params = [torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)]
     grads = [torch.randn_like(p) for p in params]
@@ -187,7 +187,7 @@ def test_optimizer_vjp_matches_autograd(optimizer, step):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
-def _reference_training(model, examples, config: SFTConfig, weights):
+def _reference_training(model, examples, config: TrainingConfig, weights):
     """The same fine-tuning with torch.optim, per-example forward passes (no padding) and transformers' scheduler."""
     model = copy.deepcopy(model).train(False)
     params = [p for p in model.parameters()]
@@ -231,7 +231,7 @@ def test_train_matches_torch_optim(overrides):
             if name.endswith("bias"):
                 p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(len(name)))
     examples = make_examples(7, seed=5)
-    config = SFTConfig(**{**dict(dtype="float64", batch_size=3, epochs=3), **overrides})
+    config = TrainingConfig(**{**dict(dtype="float64", batch_size=3, epochs=3), **overrides})
     weights = torch.linspace(0.5, 1.5, len(examples), dtype=torch.float64)
     ours = train(model, examples, config, weights=weights)
     ref = _reference_training(model, examples, config, weights)
@@ -248,20 +248,20 @@ def test_checkpoint_strategies_agree(tmp_path):
     model = tiny_gpt2()
     examples = make_examples(10, seed=4)
     base = dict(optimizer="adamw", learning_rate=0.01, batch_size=2, epochs=2, dtype="float64")  # 10 steps
-    reference = metagradients(model, examples, heldout_metric, SFTConfig(**base, checkpoint="all"))
+    reference = metagradients(model, examples, heldout_metric, TrainingConfig(**base, checkpoint="all"))
     assert reference.stats["peak_states"] == 10 and reference.stats["forward_steps"] == 10
     variants = [dict(checkpoint="replay", replay_k=2), dict(checkpoint="replay", replay_k=3),
                 dict(checkpoint="disk", checkpoint_dir=str(tmp_path)),
                 dict(checkpoint="auto", memory_budget=5 * reference.stats["state_bytes"])]
     for extra in variants:
-        result = metagradients(model, examples, heldout_metric, SFTConfig(**base, **extra))
+        result = metagradients(model, examples, heldout_metric, TrainingConfig(**base, **extra))
         assert (result.scores - reference.scores).abs().max() <= 1e-10, extra
         assert result.value == pytest.approx(reference.value, abs=1e-12)
         if extra["checkpoint"] != "disk":
             assert result.stats["peak_states"] < 10
             assert result.stats["forward_steps"] > 10
     budget = 5 * reference.stats["state_bytes"]
-    budgeted = metagradients(model, examples, heldout_metric, SFTConfig(**base, memory_budget=budget))
+    budgeted = metagradients(model, examples, heldout_metric, TrainingConfig(**base, memory_budget=budget))
     assert budgeted.stats["strategy"] == "replay" and budgeted.stats["peak_states"] <= 5
     assert list(tmp_path.iterdir()) == []  # the disk strategy cleans up after itself
 
@@ -286,7 +286,7 @@ def test_model_left_untouched_and_mode_restored():
     model = tiny_gpt2()
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    metagradients(model, make_examples(), heldout_metric, SFTConfig(dtype="float64", batch_size=3, learning_rate=0.1))
+    metagradients(model, make_examples(), heldout_metric, TrainingConfig(dtype="float64", batch_size=3, learning_rate=0.1))
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -295,7 +295,7 @@ def test_model_left_untouched_and_mode_restored():
 def test_trainable_subset_and_float32():
     model = tiny_gpt2().float()
     examples = make_examples()
-    config = SFTConfig(optimizer="sgd", learning_rate=0.1, batch_size=3, trainable=[r"^transformer\.h\.1\."])
+    config = TrainingConfig(optimizer="sgd", learning_rate=0.1, batch_size=3, trainable=[r"^transformer\.h\.1\."])
     params = train(model, examples, config)
     frozen_same = torch.equal(params["transformer.wte.weight"], model.transformer.wte.weight)
     trained_moved = not torch.equal(params["transformer.h.1.mlp.c_fc.weight"], model.transformer.h[1].mlp.c_fc.weight)
@@ -315,27 +315,27 @@ def test_refusals():
     sdpa = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=32,
                                       attn_implementation="sdpa"))
     with pytest.raises(ConfigError, match="eager"):
-        metagradients(sdpa, examples, heldout_metric, SFTConfig())
+        metagradients(sdpa, examples, heldout_metric, TrainingConfig())
     model = tiny_gpt2()
     with pytest.raises(InputError, match="no trained token"):
-        train(model, [{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}], SFTConfig())
+        train(model, [{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}], TrainingConfig())
     with pytest.raises(InputError, match="weights has 2 entries"):
-        train(model, examples, SFTConfig(), weights=[1.0, 2.0])
+        train(model, examples, TrainingConfig(), weights=[1.0, 2.0])
     with pytest.raises(InputError, match="NaN"):
-        train(model, examples, SFTConfig(), weights=[float("nan")] * len(examples))
+        train(model, examples, TrainingConfig(), weights=[float("nan")] * len(examples))
     with pytest.raises(InputError, match="0-d tensor"):
-        metagradients(model, examples, lambda m, p: p["transformer.wte.weight"], SFTConfig(dtype="float64"))
+        metagradients(model, examples, lambda m, p: p["transformer.wte.weight"], TrainingConfig(dtype="float64"))
     with pytest.raises(InputError, match="does not depend"):
-        metagradients(model, examples, lambda m, p: torch.tensor(1.0), SFTConfig(dtype="float64"))
+        metagradients(model, examples, lambda m, p: torch.tensor(1.0), TrainingConfig(dtype="float64"))
     with pytest.raises(InputError, match="no examples"):
-        train(model, [], SFTConfig())
+        train(model, [], TrainingConfig())
     with pytest.raises(ConfigError, match="matched nothing"):
-        train(model, examples, SFTConfig(trainable=["no-such-layer"]))
+        train(model, examples, TrainingConfig(trainable=["no-such-layer"]))
     with pytest.raises(ValueError, match="exceeds batch_size"):
-        SFTConfig(batch_size=2, micro_batch_size=4)
+        TrainingConfig(batch_size=2, micro_batch_size=4)
     with pytest.raises(ValueError, match="not a size"):
-        SFTConfig(memory_budget="lots")
-    assert SFTConfig(memory_budget="2GiB").memory_budget == 2 * 2**30
+        TrainingConfig(memory_budget="lots")
+    assert TrainingConfig(memory_budget="2GiB").memory_budget == 2 * 2**30
 
 
 # -- datasteer attribute -------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def test_attribute_cli_scores_rows(tmp_path):
     data = _write(tmp_path / "rows.jsonl", rows)
     (tmp_path / "held.txt").write_text(held + "\n")
     out = tmp_path / "scored.jsonl"
-    main(["attribute", str(data), "--eval", str(tmp_path / "held.txt"), "--model", "tiny:gpt2", "--out", str(out),
+    main(["attribute", str(data), "--eval-texts", str(tmp_path / "held.txt"), "--model", "tiny:gpt2", "--out", str(out),
           "-q", "--set", "training.optimizer=sgd", "--set", "training.learning_rate=0.5",
           "--set", "training.batch_size=2", "--set", "training.dtype=float64"])
     scored = [json.loads(line) for line in out.read_text().splitlines()]
@@ -379,10 +379,10 @@ def test_attribute_cli_errors(tmp_path, capsys):
     out = tmp_path / "scored.jsonl"
     cases = [
         (["attribute", str(data), "--model", "tiny:gpt2", "--out", str(out)], "--eval"),
-        (["attribute", str(data), "--eval", str(tmp_path / "held.txt"), "--model", "tiny:gpt2", "--out", str(out)],
+        (["attribute", str(data), "--eval-texts", str(tmp_path / "held.txt"), "--model", "tiny:gpt2", "--out", str(out)],
          "neither a 'text'"),
-        (["attribute", str(tmp_path / "missing.jsonl"), "--eval", "x.txt", "--out", str(out)], "not found"),
-        (["attribute", str(data), "--eval", str(tmp_path / "held.txt"), "--out", str(out),
+        (["attribute", str(tmp_path / "missing.jsonl"), "--eval-texts", "x.txt", "--out", str(out)], "not found"),
+        (["attribute", str(data), "--eval-texts", str(tmp_path / "held.txt"), "--out", str(out),
           "--set", "training.optimizer=rmsprop"], "optimizer"),
     ]
     for argv, message in cases:

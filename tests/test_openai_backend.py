@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from datasteer.config import GenerateConfig, TeacherConfig
+from datasteer.generation.config import GenerateConfig, teacher_config as TeacherConfig
 from datasteer.errors import ConfigError, TeacherRequestError
 from datasteer.generation import generate
 from datasteer.generation.openai_backend import OpenAITeacher

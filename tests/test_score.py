@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from datasteer.config import ScoreConfig
+from datasteer.metrics.config import ScoreConfig
 from datasteer.errors import DatasteerError, RunMismatchError
 from datasteer.metrics import score
 from datasteer.metrics.lexical import mtld

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from datasteer.config import SelectConfig
+from datasteer.inheritance.config import SelectConfig
 from datasteer.errors import ConfigError, InputError
 from datasteer.inheritance.select import parse_constraint, parse_objective, select, select_rows
 from tests.test_cli import _assert_user_error, run_cli

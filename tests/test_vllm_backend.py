@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from datasteer.config import GenerateConfig, TeacherConfig
+from datasteer.generation.config import GenerateConfig, teacher_config as TeacherConfig
 from datasteer.errors import MissingDependencyError
 from datasteer.generation import generate, make_teacher
 

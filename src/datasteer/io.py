@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasteer.config import PromptsConfig
+from pydantic import Field, model_validator
+
+from datasteer.config import StrictModel
 from datasteer.errors import InputError, MissingDependencyError
 from datasteer.runs import sha256_file
 
@@ -37,6 +39,23 @@ def resolve_path(path: str | Path) -> Path:
                              + ", ".join(f"{BUILTIN_PREFIX}{n}" for n in sets))
         return sets[name]
     return Path(path)
+
+
+class PromptsConfig(StrictModel):
+    """Where prompts come from: a JSONL/JSON/Parquet/CSV file, `builtin:NAME` or a `datasets` name (hf:NAME)."""
+
+    path: str = Field(..., description="a .jsonl/.json/.parquet/.csv file, builtin:NAME or hf:DATASET")
+    prompt_field: str = Field("prompt", description="column holding the prompt text")
+    id_field: str | None = Field(None, description="column holding a stable prompt id; default: 'prompt_id' or "
+                                 "'id' when present, else the row number")
+    split: str = Field("train", description="split, for hf:DATASET prompts")
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_alone(cls, data: Any) -> Any:
+        """`prompts: file.jsonl` is short for `prompts: {path: file.jsonl}`."""
+        return {"path": data} if isinstance(data, str) else data
 
 
 @dataclass(frozen=True)
@@ -178,3 +197,21 @@ def describe_input(config: PromptsConfig, prompts: list[Prompt]) -> dict[str, An
     if not config.path.startswith(HF_PREFIX):
         info["sha256"] = sha256_file(resolve_path(config.path))
     return info
+
+
+def read_texts(path: str, field: str = "text") -> list[str]:
+    """Texts from a .txt file (one per line) or from the `field` column of a rows file; at least one."""
+    resolved = resolve_path(path)
+    if resolved.suffix.lower() == ".txt":
+        if not resolved.is_file():
+            raise InputError(f"file not found: {resolved}")
+        texts = [line.strip() for line in resolved.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        texts = []
+        for i, row in enumerate(read_rows(resolved), 1):
+            if not isinstance(row.get(field), str):
+                raise InputError(f"{resolved}: row {i} has no '{field}' text")
+            texts.append(row[field])
+    if not texts:
+        raise InputError(f"{resolved}: no texts to evaluate on")
+    return texts

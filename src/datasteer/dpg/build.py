@@ -10,6 +10,8 @@ from datasteer.dpg import glyphs
 from datasteer.dpg.config import DPGConfig, PatternSpec, TargetSpec
 from datasteer.dpg.targets import Target, custom, l2_norm, lm_head_pattern, printable_token_ids, text_loss
 from datasteer.errors import ConfigError, InputError, optional_import
+from datasteer.io import read_texts
+from datasteer.plugins import load_function
 
 
 def render_pattern(spec: PatternSpec) -> torch.Tensor:
@@ -23,8 +25,6 @@ def render_pattern(spec: PatternSpec) -> torch.Tensor:
 def target_texts(spec: TargetSpec) -> list[str]:
     texts = list(spec.texts or [])
     if spec.texts_file:
-        from datasteer.metagrad.attribute import read_texts
-
         texts += read_texts(spec.texts_file, "text")
     return texts
 
@@ -38,9 +38,7 @@ def check_target(spec: TargetSpec) -> None:
         if not all(t.strip() for t in texts):
             raise InputError("target texts must not be empty")
     elif spec.kind == "custom":
-        from datasteer.metrics.custom import load_function
-
-        load_function(spec.function)
+        load_function(spec.function, "custom target")
 
 
 def check_generator(config: DPGConfig) -> None:

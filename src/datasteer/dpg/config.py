@@ -1,7 +1,7 @@
 """Configuration of a Dataset Policy Gradient run (`datasteer dpg RECIPE`).
 
 A recipe names a generator, a target and what the target should become (`target`), how the target is
-fine-tuned inside every reward (`inner`, the metagradient engine's `SFTConfig`), and how the generator is
+fine-tuned inside every reward (`inner`, the metagradient engine's `TrainingConfig`), and how the generator is
 trained (`grpo`). Defaults follow the DPG paper's public code: 4 rollouts per prompt, clip 0.2, no KL term,
 group-normalised advantages, the target reset to its initial weights at every policy step.
 """
@@ -12,8 +12,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from datasteer.config import PromptsConfig, StrictModel
-from datasteer.metagrad.config import SFTConfig
+from datasteer.config import StrictModel
+from datasteer.io import PromptsConfig
+from datasteer.metagrad.config import TrainingConfig
 
 
 class PatternSpec(StrictModel):
@@ -114,7 +115,7 @@ class DPGConfig(StrictModel):
                                               "with the same budget of examples")
     generator: GeneratorSpec
     target: TargetSpec
-    inner: SFTConfig = Field(default_factory=SFTConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
     grpo: GRPOSpec = Field(default_factory=GRPOSpec)
     prompts: PromptsConfig
     eval_prompts: PromptsConfig | None = None

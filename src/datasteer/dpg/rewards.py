@@ -19,7 +19,7 @@ from torch import Tensor
 
 from datasteer.dpg.targets import Target
 from datasteer.errors import InputError
-from datasteer.metagrad import SFTConfig, metagradients, train
+from datasteer.metagrad import TrainingConfig, metagradients, train
 
 
 @dataclass
@@ -50,7 +50,7 @@ def untrainable(n: int) -> Rewards:
 
 
 def dpg_rewards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], target: Target,
-                config: SFTConfig) -> Rewards:
+                config: TrainingConfig) -> Rewards:
     examples, kept = target_examples(texts, tokenizer, config.max_length)
     rewards = torch.zeros(len(texts), dtype=torch.float64)
     if not examples:
@@ -64,7 +64,7 @@ def dpg_rewards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], ta
 
 
 def naive_rewards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], sample_index: Sequence[int],
-                  target: Target, config: SFTConfig) -> Rewards:
+                  target: Target, config: TrainingConfig) -> Rewards:
     """`sample_index[i]` = which of its prompt's k rollouts text i is; dataset j holds every rollout with index j."""
     if len(sample_index) != len(texts):
         raise InputError("sample_index needs one entry per rollout")

@@ -38,16 +38,17 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from datasteer.config import PromptsConfig, fingerprint
+from datasteer.config import fingerprint
+from datasteer.io import PromptsConfig
 from datasteer.dpg.build import (allowed_token_ids, build_target, check_generator, check_target,
                                  restrict_vocabulary)
 from datasteer.dpg.config import DPGConfig
+from datasteer.dpg.report import write_dpg_report
 from datasteer.dpg.rewards import (Rewards, batch_advantages, dpg_rewards, group_advantages, naive_rewards,
                                    target_examples)
 from datasteer.dpg.targets import LMHeadPattern, Target
 from datasteer.errors import ConfigError, InputError
-from datasteer.generation.base import chat_messages, plain_prompt
-from datasteer.generation.transformers_backend import encode_prompts
+from datasteer.chat import chat_messages, encode_prompts, plain_prompt
 from datasteer.io import Prompt, describe_input, read_prompts
 from datasteer.metagrad import train
 from datasteer.models import load_model, parse_spec
@@ -72,6 +73,20 @@ class DPGResult:
     report: Path
     arms: list[ArmResult]
     summary: dict[str, Any]
+
+    def headline(self) -> list[str]:
+        """One line per arm: the validation readout at step 0 and at the end, and examples to the thresholds."""
+        key = self.summary["readout"] or "phi"
+        lines = []
+        for arm, entry in self.summary["arms"].items():
+            start, final = entry.get("start", entry.get("phi_start")), entry.get("final", entry.get("phi_final"))
+            line = (f"{arm}: validation {key} {start:.4g} at step 0 -> {final:.4g} after {entry['examples_seen']} "
+                    "examples")
+            if "examples_to" in entry:
+                line += " (" + ", ".join(f"{t}: {'not reached' if n is None else f'{n} examples'}"
+                                         for t, n in entry["examples_to"].items()) + ")"
+            lines.append(line)
+        return lines
 
 
 # ---------------------------------------------------------------- inputs
@@ -130,11 +145,11 @@ class RewardFunction:
         texts = self.texts(completion_ids)
         groups = [i // k for i in range(len(texts))]  # TRL's sampler repeats each prompt k times in a row
         if self.arm == "dpg":
-            result = dpg_rewards(self.target_model, self.target_tokenizer, texts, self.target, self.config.inner)
+            result = dpg_rewards(self.target_model, self.target_tokenizer, texts, self.target, self.config.training)
             advantages = group_advantages(result.rewards, groups)
         else:
             result = naive_rewards(self.target_model, self.target_tokenizer, texts, [i % k for i in range(len(texts))],
-                                   self.target, self.config.inner)
+                                   self.target, self.config.training)
             advantages = batch_advantages(result.rewards)
         self.last = _step_record(result, texts, completion_ids, time.perf_counter() - start)
         return advantages.tolist()
@@ -195,10 +210,10 @@ def validate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], chat: b
     n = config.validation.num_generations or config.grpo.num_generations
     texts = sample_rollouts(model, tokenizer, prompts, n, config, chat,
                             derive_seed(config.seed, "validation", step))
-    examples, _ = target_examples(texts, target_tokenizer, config.inner.max_length)
+    examples, _ = target_examples(texts, target_tokenizer, config.training.max_length)
     if not examples:
         return {"rollouts": len(texts), "trained": 0, "phi": None}, None
-    params = train(target_model, examples, config.inner)
+    params = train(target_model, examples, config.training)
     readout = target.readout(target_model, params)
     record = {"rollouts": len(texts), "trained": len(examples), **readout, "sample": texts[0][:200]}
     delta = None
@@ -260,7 +275,7 @@ def run_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], held_
         return ArmResult(arm, out, read_jsonl(out / METRICS), read_jsonl(out / SLICES))
 
     generator = load_model(config.generator.model, dtype=config.generator.dtype, device=config.generator.device)
-    target_loaded = load_model(config.target.model, dtype=config.inner.dtype, device=config.inner.device,
+    target_loaded = load_model(config.target.model, dtype=config.training.dtype, device=config.training.device,
                                attn_implementation="eager")
     tokenizer, target_tokenizer = generator.tokenizer, target_loaded.tokenizer
     target_model = target_loaded.model
@@ -381,17 +396,15 @@ def dpg(config: DPGConfig, out: str | Path, *, overwrite: bool = False, progress
     batch = config.grpo.prompts_per_step * config.grpo.num_generations
     if len(prompts) < config.grpo.prompts_per_step:
         raise InputError(f"{len(prompts)} training prompts but prompts_per_step is {config.grpo.prompts_per_step}")
-    if batch % config.inner.batch_size:
+    if batch % config.training.batch_size:
         raise ConfigError(f"the {batch} rollouts of a step do not split into inner batches of "
-                          f"{config.inner.batch_size} (each rollout is used in exactly one inner step)")
+                          f"{config.training.batch_size} (each rollout is used in exactly one inner step)")
     arms = []
     for arm in config.arms:
         if progress:
             console.rule(f"[bold]dpg: {arm} ({config.grpo.steps} steps of {batch} rollouts)")
         arms.append(run_arm(config, arm, out / arm, prompts, held_out, overwrite=overwrite, progress=progress,
                             console=console))
-    from datasteer.report.dpg import write_dpg_report
-
     report, summary = write_dpg_report(config, out, arms)
     atomic_write_json(out / "results.json", summary)
     return DPGResult(out, report, arms, summary)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, Literal
 
-from datasteer.config import TeacherConfig
+from pydantic import Field, model_validator
+
 from datasteer.errors import ConfigError, TeacherRequestError, optional_import
-from datasteer.generation.base import Completion, chat_messages
+from datasteer.chat import chat_messages
+from datasteer.generation.base import Completion, TeacherBase
 from datasteer.io import Prompt
 from datasteer.retry import retry_delay
 from datasteer.runs import derive_seed, redact_url
@@ -24,8 +26,32 @@ from datasteer.runs import derive_seed, redact_url
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
+class OpenAITeacherConfig(TeacherBase):
+    """Any OpenAI-compatible chat-completions endpoint (a provider, a vLLM or llama.cpp server, `transformers
+    serve`). Requests in flight, timeouts and retries are operational: they may change when a run resumes."""
+
+    backend: Literal["openai"]
+    base_url: str = Field(..., min_length=1, description="endpoint, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str | None = Field(None, description="name of the environment variable holding the API key; "
+                                    "the key itself is never stored")
+    concurrency: int = Field(8, ge=1, description="requests in flight")
+    timeout_s: float = Field(120.0, gt=0, description="seconds per request")
+    max_retries: int = Field(6, ge=0, description="retries of a failed request (backoff, Retry-After)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _needs_base_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("base_url"):
+            raise ValueError(f"teacher '{data.get('name')}': the openai backend needs base_url (for example "
+                             "http://127.0.0.1:8000/v1)")
+        return data
+
+    def build(self) -> "OpenAITeacher":
+        return OpenAITeacher(self)
+
+
 class OpenAITeacher:
-    def __init__(self, config: TeacherConfig, *, transport: Any = None, sleep: Any = asyncio.sleep):
+    def __init__(self, config: OpenAITeacherConfig, *, transport: Any = None, sleep: Any = asyncio.sleep):
         self.config = config
         self._httpx = optional_import("httpx", "the openai backend", "pip install 'datasteer[openai]'")
         self._transport = transport  # tests inject httpx.MockTransport for failure injection

@@ -15,36 +15,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasteer.config import GenerateConfig, TeacherConfig, fingerprint
-from datasteer.generation.base import Completion, Teacher
+from datasteer.config import fingerprint
+from datasteer.generation.base import Completion, Teacher, TeacherBase
+from datasteer.generation.config import GenerateConfig
 from datasteer.io import Prompt, describe_input, read_prompts
-from datasteer.models import parse_spec
 from datasteer.progress import track
 from datasteer.runs import Run, derive_seed, redact_url
 
 CANDIDATES_FILE = "candidates.jsonl"
 
 
-def make_teacher(config: TeacherConfig) -> Teacher:
+def make_teacher(config: TeacherBase) -> Teacher:
     """Build (not load) the backend for a teacher; fails fast on a bad spec or a missing optional dependency."""
-    if config.backend != "openai":
-        parse_spec(config.model)
-    if config.backend == "transformers":
-        from datasteer.generation.transformers_backend import TransformersTeacher
-
-        return TransformersTeacher(config)
-    if config.backend == "openai":
-        from datasteer.generation.openai_backend import OpenAITeacher
-
-        return OpenAITeacher(config)
-    from datasteer.generation.vllm_backend import VLLMTeacher
-
-    return VLLMTeacher(config)
+    return config.build()
 
 
 @dataclass(frozen=True)
 class Unit:
-    teacher: TeacherConfig
+    teacher: TeacherBase
     index: int
     prompts: list[Prompt]
 
@@ -83,7 +71,7 @@ def candidate_rows(unit: Unit, completions: list[list[Completion]]) -> list[dict
                 "sample_index": sample_index,
                 "model": t.model,
                 "backend": t.backend,
-                "base_url": redact_url(t.base_url),
+                "base_url": redact_url(getattr(t, "base_url", None)),
                 "system_prompt": t.system_prompt,
                 "sampling": sampling,
                 "prompt_tokens": c.prompt_tokens,

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from datasteer.config import TeacherConfig
-from datasteer.generation.base import Completion, chat_messages, plain_prompt
+from pydantic import Field
+
+from datasteer.chat import encode_prompts
+from datasteer.generation.base import Completion, TeacherBase
 from datasteer.io import Prompt
-from datasteer.models import LoadedModel, load_model
+from datasteer.models import LoadedModel, load_model, parse_spec
+
+
+class TransformersTeacherConfig(TeacherBase):
+    """A local model sampled with transformers (the default backend)."""
+
+    backend: Literal["transformers"] = "transformers"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights' dtype")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
+    trust_remote_code: bool = Field(False, description="run the model repository's own code")
+
+    def build(self) -> "TransformersTeacher":
+        parse_spec(self.model)
+        return TransformersTeacher(self)
 
 
 def eos_token_ids(tokenizer: Any, model: Any) -> list[int]:
@@ -23,25 +38,10 @@ def eos_token_ids(tokenizer: Any, model: Any) -> list[int]:
     return sorted(ids)
 
 
-def encode_prompts(tokenizer: Any, prompts: list[str], system_prompt: str | None, chat: bool | None = None) -> Any:
-    """Left-padded input ids, through the chat template when `chat` (default: when the tokenizer has one)."""
-    tokenizer.padding_side = "left"
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
-    if chat:
-        texts = [tokenizer.apply_chat_template(chat_messages(p, system_prompt), tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
-        add_special = False  # the template already wrote them
-    else:
-        texts = [plain_prompt(p, system_prompt) for p in prompts]
-        add_special = True
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
-
-
 class TransformersTeacher:
     """The default backend. One `generate` call = one batch of `len(prompts) * k` sequences."""
 
-    def __init__(self, config: TeacherConfig, loaded: LoadedModel | None = None):
+    def __init__(self, config: TransformersTeacherConfig, loaded: LoadedModel | None = None):
         self.config = config
         self._loaded = loaded
 

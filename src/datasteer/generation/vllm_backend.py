@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from datasteer.config import TeacherConfig
+from pydantic import Field
+
 from datasteer.errors import optional_import
-from datasteer.generation.base import Completion, chat_messages
+from datasteer.chat import chat_messages
+from datasteer.generation.base import Completion, TeacherBase
 from datasteer.io import Prompt
-from datasteer.models import materialize
+from datasteer.models import materialize, parse_spec
 from datasteer.runs import derive_seed
+
+
+class VLLMTeacherConfig(TeacherBase):
+    """A local model sampled by vLLM's offline engine (GPU)."""
+
+    backend: Literal["vllm"]
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights' dtype")
+    trust_remote_code: bool = Field(False, description="run the model repository's own code")
+
+    def build(self) -> "VLLMTeacher":
+        parse_spec(self.model)
+        return VLLMTeacher(self)
 
 
 class VLLMTeacher:
     """One `generate` call = one `LLM.chat` over the unit's prompts with n=k samples each."""
 
-    def __init__(self, config: TeacherConfig):
+    def __init__(self, config: VLLMTeacherConfig):
         self.config = config
         self._vllm = optional_import("vllm", "the vllm backend (GPU only)", "pip install 'datasteer[vllm]'")
         self._llm: Any = None

@@ -27,12 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasteer.config import FinetuneConfig, fingerprint
+from datasteer.chat import tokenize_row
+from datasteer.config import fingerprint
 from datasteer.errors import InputError, optional_import
+from datasteer.inheritance.config import FinetuneConfig
 from datasteer.io import read_rows
 from datasteer.models import _publish, load_model
 from datasteer.progress import track
 from datasteer.runs import Run, atomic_write_json, sha256_file
+from datasteer.training import check_trl_section, latest_checkpoint, progress_callback, quiet_trainer, trl_arguments
 
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
@@ -49,27 +52,6 @@ class FinetuneResult:
     seconds: float
     resumed_from: str | None
     log: list[dict[str, Any]]
-
-
-def tokenize_row(prompt: str, completion: str, finished: bool, tokenizer: Any, system_prompt: str | None,
-                 max_length: int) -> tuple[dict[str, list[int]] | None, bool]:
-    """(example with input_ids/labels or None when the prompt alone fills max_length, whether it was cut).
-
-    The prompt goes through the chat template exactly as at generation and is masked out of the loss;
-    an end-of-turn token follows only a completion that finished (not one cut at max_new_tokens).
-    """
-    from datasteer.generation.transformers_backend import encode_prompts
-
-    prompt_ids = encode_prompts(tokenizer, [prompt], system_prompt)["input_ids"][0].tolist()
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if finished and tokenizer.eos_token_id is not None:
-        completion_ids = completion_ids + [tokenizer.eos_token_id]
-    room = max_length - len(prompt_ids)
-    if room < 1:
-        return None, False
-    cut = len(completion_ids) > room
-    completion_ids = completion_ids[:room]  # cut: the end-of-turn token goes with the cut tail
-    return {"input_ids": prompt_ids + completion_ids, "labels": [-100] * len(prompt_ids) + completion_ids}, cut
 
 
 def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, config: FinetuneConfig) -> tuple[list[dict], dict]:
@@ -100,12 +82,6 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, config: FinetuneCo
     return examples, counts
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
-    found = [(int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*")
-             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
-
-
 def _layer_stack(model: Any) -> tuple[str, Any]:
     """(dotted name, ModuleList) of the model's transformer blocks (model.layers, transformer.h, ...)."""
     import torch
@@ -131,25 +107,6 @@ def restrict_to_last_layers(model: Any, n: int) -> list[int]:
     return keep
 
 
-def _progress_callback(tracker: Any) -> Any:
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):  # resumed steps count as done
-            self.last = state.global_step
-            tracker.set_total(state.max_steps, state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            tracker.advance(state.global_step - self.last)
-            self.last = state.global_step
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                tracker.describe(f"finetune (loss {logs['loss']:.3f})")
-
-    return Progress()
-
-
 def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
              loaded: Any = None) -> FinetuneResult:
     """Fine-tune `config.model` on `config.input` into the run directory `out` (resumable)."""
@@ -157,6 +114,7 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
     if not rows:
         raise InputError(f"{config.input} has no rows to fine-tune on")
     optional_import("trl", "fine-tuning", "pip install 'datasteer[train]'")
+    check_trl_section("SFTConfig", config.trl, "trl")
     if config.method == "lora":
         optional_import("peft", "LoRA fine-tuning", "pip install 'datasteer[train]'")
     run = Run.prepare(out, stage="finetune", config=fingerprint(config),
@@ -180,16 +138,17 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
 
     run.ensure_created()
     checkpoints = run.path / CHECKPOINTS_DIR
-    steps_per_epoch = math.ceil(len(examples) / (config.batch_size * config.gradient_accumulation))
-    args = SFTConfig(
+    steps_per_epoch = math.ceil(len(examples) / (config.per_device_train_batch_size
+                                                  * config.gradient_accumulation_steps))
+    owned = dict(
         output_dir=str(checkpoints),
-        num_train_epochs=config.epochs,
+        num_train_epochs=config.num_train_epochs,
         learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         seed=config.seed,
         data_seed=config.seed,
         logging_steps=1,
@@ -200,15 +159,14 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
         disable_tqdm=True,
         use_cpu=str(model.device) == "cpu",
         bf16=config.dtype == "bfloat16",
-        activation_checkpointing=False,  # small models: recomputation costs more than it saves
         max_length=None,  # tokenize_rows already cut to config.max_length
-        dataloader_num_workers=0,
     )
+    # small models: recomputation costs more than it saves; trl: may turn it on
+    defaults = {"activation_checkpointing": False, "dataloader_num_workers": 0}
+    args = trl_arguments(SFTConfig, owned, {**defaults, **config.trl}, "trl")
     peft_config = None
     if config.method == "lora":
-        from peft import LoraConfig
-
-        targets: Any = config.lora_target_modules
+        targets: Any = config.lora.target_modules
         layers = None
         if config.train_layers is not None:
             _, stack = _layer_stack(model)
@@ -216,20 +174,17 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
             if isinstance(targets, str):  # peft needs explicit module names to restrict layers
                 targets = sorted({n.split(".")[-1] for n, m in model.named_modules()
                                   if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head"})
-        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                 target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM")
+        peft_config = config.lora.peft_config(target_modules=targets, layers_to_transform=layers)
     elif config.train_layers is not None:
         restrict_to_last_layers(model, config.train_layers)
     model.train()
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
                          processing_class=tokenizer, peft_config=peft_config)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout; the progress bar shows the loss instead
-    resume = _latest_checkpoint(checkpoints)
+    quiet_trainer(trainer)
+    resume = latest_checkpoint(checkpoints)
     start = time.perf_counter()
     with track("finetune", 1, enabled=progress, unit="steps", tokens=False) as tracker:
-        trainer.add_callback(_progress_callback(tracker))
+        trainer.add_callback(progress_callback(tracker, "finetune"))
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
 
@@ -246,7 +201,7 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
 
     log = [dict(entry) for entry in trainer.state.log_history if "loss" in entry]
     final_loss = log[-1]["loss"] if log else None
-    info = {"examples": len(examples), "steps": trainer.state.global_step, "epochs": config.epochs,
+    info = {"examples": len(examples), "steps": trainer.state.global_step, "epochs": config.num_train_epochs,
             "final_loss": final_loss, "seconds": seconds, "resumed_from": resume.name if resume else None,
             **counts, "log": log}
     atomic_write_json(run.path / TRAINING_FILE, info)

@@ -28,14 +28,18 @@ from pathlib import Path
 
 from rich.console import Console
 
-from datasteer.config import GenerateConfig, InheritConfig, ScoreConfig, SelectConfig, fingerprint
+from datasteer.config import fingerprint
+from datasteer.errors import ConfigError, InputError
 from datasteer.generation.runner import generate
 from datasteer.inheritance.compare import Comparison, compare
+from datasteer.inheritance.config import InheritConfig, parse_constraint, parse_objective
 from datasteer.inheritance.finetune import finetune
 from datasteer.inheritance.profile import Profile, profile
-from datasteer.inheritance.select import select
+from datasteer.inheritance.report import headline_lines, objective_columns, write_inherit_report
+from datasteer.inheritance.select import did_you_mean, select
 from datasteer.io import describe_input, read_prompts
 from datasteer.metrics.base import build_scorers, parse_metrics
+from datasteer.metrics.config import ScoreConfig
 from datasteer.metrics.runner import score
 from datasteer.models import parse_spec
 from datasteer.runs import Run, atomic_write_json
@@ -55,8 +59,6 @@ class InheritResult:
 
     def headline(self) -> list[str]:
         """One line per objective column: base, random, active means and the paired effect of selecting."""
-        from datasteer.report.markdown import headline_lines, objective_columns
-
         return headline_lines(self.comparison, objective_columns(self.objectives))
 
 
@@ -70,8 +72,6 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
     eval_prompts = read_prompts(config.eval_prompts)
     overlap = {p.prompt for p in prompts} & {p.prompt for p in eval_prompts}
     if overlap:
-        from datasteer.errors import InputError
-
         raise InputError(f"{len(overlap)} held-out prompt(s) also appear in the training prompts (e.g. "
                          f"'{sorted(overlap)[0][:60]}'); profiles must use prompts the student was not trained on")
     specs = [str(s) for s in parse_metrics(config.metrics)]
@@ -110,19 +110,14 @@ def _run_stages(config: InheritConfig, out: Path, run: Run, specs: list[str], ov
         seconds[name] = round(time.perf_counter() - start, 2)
 
     with stage("generate"):
-        gen = generate(GenerateConfig(prompts=config.prompts, teachers=config.teachers, seed=config.seed),
-                       out / "generate", overwrite=overwrite, progress=progress)
+        gen = generate(config.generate_config(), out / "generate", overwrite=overwrite, progress=progress)
     with stage("score"):
         scored = score(ScoreConfig(input=str(gen.candidates_path), metrics=specs), out / "score",
                        overwrite=overwrite, progress=progress)
     selected: dict[str, Path] = {}
     for arm in arms:
         with stage(f"select ({arm})"):
-            spec = config.selection.model_dump()
-            if arm == "random":
-                spec.update(objectives=["random"], combine="weighted")
-            sel = select(SelectConfig(input=str(scored.scored_path), seed=config.seed,
-                                      report_columns=list(scored.columns), **spec),
+            sel = select(config.select_config(str(scored.scored_path), arm, list(scored.columns)),
                          out / f"select-{arm}", overwrite=overwrite)
             selected[arm] = sel.selected_path
             if progress:
@@ -139,8 +134,6 @@ def _run_stages(config: InheritConfig, out: Path, run: Run, specs: list[str], ov
             profiles.append(profile(config.profile_config(models[label], label), out / f"profile-{label}",
                                     overwrite=overwrite, progress=progress))
     with stage("report"):
-        from datasteer.report.markdown import write_inherit_report
-
         comparison = compare(profiles)
         report = write_inherit_report(config, out, profiles, comparison)
         atomic_write_json(out / RESULTS_FILE, {"comparison": comparison.to_json(),
@@ -157,9 +150,6 @@ CANDIDATE_NUMBERS = ("prompt_tokens", "completion_tokens", "sample_index", "seed
 
 def _check_selection_columns(config: InheritConfig, metric_columns: list[str]) -> None:
     """Objectives and constraints must name columns that scoring will produce: fail before any model loads."""
-    from datasteer.errors import ConfigError
-    from datasteer.inheritance.select import did_you_mean, parse_constraint, parse_objective
-
     known = [*metric_columns, *CANDIDATE_NUMBERS]
     wanted = [parse_objective(o).column for o in config.selection.objectives]
     wanted += [parse_constraint(c).column for c in config.selection.constraints]

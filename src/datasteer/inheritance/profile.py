@@ -20,10 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasteer.config import GenerateConfig, ProfileConfig, ScoreConfig, TeacherConfig, fingerprint
+from datasteer.config import fingerprint
+from datasteer.errors import InputError
+from datasteer.generation.config import GenerateConfig
 from datasteer.generation.runner import generate
+from datasteer.generation.transformers_backend import TransformersTeacher, TransformersTeacherConfig
+from datasteer.inheritance.config import ProfileConfig
 from datasteer.io import describe_input, read_prompts
 from datasteer.metrics.base import build_scorers, parse_metrics
+from datasteer.metrics.config import ScoreConfig
 from datasteer.metrics.runner import score
 from datasteer.runs import Run, atomic_write_json
 
@@ -47,8 +52,6 @@ class Profile:
 
 
 def load_profile(path: str | Path) -> Profile:
-    from datasteer.errors import InputError
-
     path = Path(path)
     summary_path = path / PROFILE_SUMMARY if path.is_dir() else path
     if summary_path.name != PROFILE_SUMMARY or not summary_path.is_file():
@@ -60,8 +63,8 @@ def load_profile(path: str | Path) -> Profile:
                    rows=rows)
 
 
-def teacher_config(config: ProfileConfig) -> TeacherConfig:
-    return TeacherConfig(name=config.name, model=config.model, k=config.k, sampling=config.sampling,
+def teacher_config(config: ProfileConfig) -> TransformersTeacherConfig:
+    return TransformersTeacherConfig(name=config.name, model=config.model, k=config.k, sampling=config.sampling,
                          system_prompt=config.system_prompt, batch_size=config.batch_size, dtype=config.dtype,
                          device=config.device)
 
@@ -69,8 +72,6 @@ def teacher_config(config: ProfileConfig) -> TeacherConfig:
 def profile(config: ProfileConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
             loaded: Any = None) -> Profile:
     """Profile `config.model` on `config.prompts` into the run directory `out` (resumable)."""
-    from datasteer.generation.transformers_backend import TransformersTeacher
-
     prompts = read_prompts(config.prompts)
     specs = [str(s) for s in parse_metrics(config.metrics)]
     scorers = build_scorers(specs)  # unknown metrics and missing extras fail here, before any work

@@ -27,81 +27,22 @@ from __future__ import annotations
 
 import difflib
 import math
-import operator
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from datasteer.config import SelectConfig, fingerprint
-from datasteer.errors import ConfigError, InputError
+from datasteer.config import fingerprint
+from datasteer.errors import InputError
+from datasteer.inheritance.config import Constraint, Objective, SelectConfig, parse_constraint, parse_objective
 from datasteer.io import read_rows
-from datasteer.metrics.runner import column_stats
 from datasteer.runs import Run, atomic_write_json, derive_seed, dump_rows, sha256_file
+from datasteer.stats import column_stats
 
 SELECTED_FILE = "selected.jsonl"
 DROPPED_FILE = "dropped.jsonl"
 SUMMARY_FILE = "summary.json"
-
-_OBJECTIVE = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*:\s*(max|min)\s*(?::\s*([0-9.eE+\-]+))?\s*$")
-_CONSTRAINT = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(>=|<=|==|!=|>|<)\s*([0-9.eE+\-]+|nan|inf)\s*$")
-_OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, ">": operator.gt,
-                                                   "<": operator.lt, "==": operator.eq, "!=": operator.ne}
-
-
-@dataclass(frozen=True)
-class Objective:
-    column: str
-    direction: str  # max | min
-    weight: float = 1.0
-
-    @property
-    def sign(self) -> float:
-        return 1.0 if self.direction == "max" else -1.0
-
-    def __str__(self) -> str:
-        return f"{self.column}:{self.direction}" + ("" if self.weight == 1.0 else f":{self.weight:g}")
-
-
-@dataclass(frozen=True)
-class Constraint:
-    column: str
-    op: str
-    value: float
-
-    def holds(self, x: float | None) -> bool:
-        return x is not None and not math.isnan(x) and _OPS[self.op](x, self.value)
-
-    def __str__(self) -> str:
-        return f"{self.column}{self.op}{self.value:g}"
-
-
-def parse_objective(spec: str) -> Objective:
-    """`column:max`, `column:min` or `column:max:WEIGHT`."""
-    m = _OBJECTIVE.match(spec)
-    if not m:
-        raise ConfigError(f"objective '{spec}' is not COLUMN:max, COLUMN:min or COLUMN:max:WEIGHT "
-                          "(for example mtld:max or toxicity_profanity:min:0.5), or 'random'")
-    weight = float(m.group(3)) if m.group(3) else 1.0
-    if not math.isfinite(weight) or weight <= 0:
-        raise ConfigError(f"objective '{spec}': the weight must be a positive number")
-    return Objective(m.group(1), m.group(2), weight)
-
-
-def parse_constraint(spec: str) -> Constraint:
-    """`column>=value` with one of >=, <=, >, <, ==, !=."""
-    m = _CONSTRAINT.match(spec)
-    if not m:
-        raise ConfigError(f"constraint '{spec}' is not COLUMN OP NUMBER with OP one of >=, <=, >, <, ==, != "
-                          "(for example length>=50)")
-    try:
-        value = float(m.group(3))
-    except ValueError:
-        raise ConfigError(f"constraint '{spec}': '{m.group(3)}' is not a number") from None
-    return Constraint(m.group(1), m.group(2), value)
-
 
 def is_random(config: SelectConfig) -> bool:
     return config.objectives == ["random"]

@@ -18,9 +18,16 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from datasteer.chat import tokenize_row
 from datasteer.errors import InputError
-from datasteer.metagrad.config import SFTConfig
+from datasteer.io import read_rows, read_texts
+from datasteer.metagrad.config import TrainingConfig
 from datasteer.metagrad.engine import Metric, metagradients
+from datasteer.metagrad.metrics import TextLoss
+from datasteer.models import load_model
+from datasteer.plugins import load_function
+from datasteer.progress import track
+from datasteer.runs import atomic_write_bytes, atomic_write_json, dump_rows
 
 
 class AttributeConfig(BaseModel):
@@ -28,16 +35,17 @@ class AttributeConfig(BaseModel):
 
     input: str
     model: str = "embedded:smollm2"
-    eval: str | None = Field(None, description="held-out texts: .txt (one per line) or rows with a text field")
+    eval_texts: str | None = Field(None, description="held-out texts: .txt (one per line) or rows with a text "
+                                                      "field")
     metric: str | None = Field(None, description="package.module:function(model, params) -> 0-d tensor; default: "
-                                                 "minus the held-out loss on `eval`")
+                                                 "minus the held-out loss on `eval_texts`")
     column: str = "metagrad"
     text_field: str = "text"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     system_prompt: str | None = None
     device: str = "auto"
-    training: SFTConfig = Field(default_factory=SFTConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
 
 
 @dataclass
@@ -51,8 +59,6 @@ class AttributeResult:
 
 def rows_to_examples(rows: list[dict[str, Any]], tokenizer: Any, config: AttributeConfig,
                      source: str) -> list[dict[str, list[int]]]:
-    from datasteer.inheritance.finetune import tokenize_row
-
     max_length = config.training.max_length
     examples = []
     for i, row in enumerate(rows, 1):
@@ -79,49 +85,24 @@ def rows_to_examples(rows: list[dict[str, Any]], tokenizer: Any, config: Attribu
     return examples
 
 
-def read_texts(path: str, field: str) -> list[str]:
-    from datasteer.io import read_rows, resolve_path
-
-    resolved = resolve_path(path)
-    if resolved.suffix.lower() == ".txt":
-        if not resolved.is_file():
-            raise InputError(f"file not found: {resolved}")
-        texts = [line.strip() for line in resolved.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        texts = []
-        for i, row in enumerate(read_rows(resolved), 1):
-            if not isinstance(row.get(field), str):
-                raise InputError(f"{resolved}: row {i} has no '{field}' text")
-            texts.append(row[field])
-    if not texts:
-        raise InputError(f"{resolved}: no texts to evaluate on")
-    return texts
 
 
 def heldout_loss_metric(texts: list[str], tokenizer: Any, max_length: int, device: torch.device) -> Metric:
     """Minus the mean (over texts) of each text's mean next-token loss: DPG's `text_loss` target, without BOS."""
-    from datasteer.dpg.targets import TextLoss
-
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
     return TextLoss([{"input_ids": x} for x in ids], device)
 
 
 def attribute(config: AttributeConfig, out: str | Path, progress: bool = True) -> AttributeResult:
-    from datasteer.io import read_rows
-    from datasteer.metrics.custom import load_function
-    from datasteer.models import load_model
-    from datasteer.progress import track
-    from datasteer.runs import atomic_write_bytes, atomic_write_json, dump_rows
-
     out = Path(out)
     rows = read_rows(config.input)
     if not rows:
         raise InputError(f"{config.input}: no rows")
-    if config.metric is None and config.eval is None:
-        raise InputError("give held-out texts with --eval FILE (the default metric is minus the loss on them) or a "
-                         "custom --metric package.module:function")
-    metric_fn = load_function(config.metric) if config.metric else None
-    texts = read_texts(config.eval, config.text_field) if config.eval else None
+    if config.metric is None and config.eval_texts is None:
+        raise InputError("give held-out texts with --eval-texts FILE (the default metric is minus the loss on them) "
+                         "or a custom --metric package.module:function")
+    metric_fn = load_function(config.metric, "attribution metric") if config.metric else None
+    texts = read_texts(config.eval_texts, config.text_field) if config.eval_texts else None
     loaded = load_model(config.model, dtype=config.training.dtype, device=config.device, attn_implementation="eager")
     examples = rows_to_examples(rows, loaded.tokenizer, config, config.input)
     device = next(loaded.model.parameters()).device
@@ -139,7 +120,7 @@ def attribute(config: AttributeConfig, out: str | Path, progress: bool = True) -
     scored = [{**row, config.column: float(score)} for row, score in zip(rows, result.scores.tolist())]
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_name(out.name + ".meta.json"), {
-        "value": result.value, "metric": config.metric or f"-heldout_loss({config.eval})",
+        "value": result.value, "metric": config.metric or f"-heldout_loss({config.eval_texts})",
         "column": config.column, "rows": len(rows), "seconds": seconds, "stats": result.stats,
         "train_losses": result.losses, "config": json.loads(config.model_dump_json())})
     atomic_write_bytes(out, dump_rows(scored))

@@ -23,7 +23,7 @@ def parse_bytes(value: int | float | str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-class SFTConfig(BaseModel):
+class TrainingConfig(BaseModel):
     """How the target is fine-tuned inside `train` and `metagradients`.
 
     Batch loss = mean over the batch of w_i * loss_i, loss_i = mean next-token cross-entropy over
@@ -76,7 +76,7 @@ class SFTConfig(BaseModel):
         return None if value is None else parse_bytes(value)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SFTConfig":
+    def _consistent(self) -> "TrainingConfig":
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size})")
         if self.optimizer != "sgd" and (self.momentum or self.nesterov or self.dampening):

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from datasteer.errors import InputError
-from datasteer.metagrad.config import SFTConfig
+from datasteer.metagrad.config import TrainingConfig
 
 IGNORE = -100
 
@@ -55,7 +55,7 @@ def _as_list(value: Any) -> list:
     return list(value)
 
 
-def step_batches(n_examples: int, config: SFTConfig) -> list[list[int]]:
+def step_batches(n_examples: int, config: TrainingConfig) -> list[list[int]]:
     """Example indices of every optimizer step: epochs x batches, shuffled per epoch with a seeded generator."""
     generator = torch.Generator().manual_seed(config.seed)
     steps = []
@@ -79,7 +79,7 @@ def collate(examples: list[Example], index: list[int], pad_id: int, device: torc
     return MicroBatch(torch.tensor(index), ids.to(device), mask.to(device), labels.to(device))
 
 
-def micro_batches(examples: list[Example], step_index: list[int], config: SFTConfig, pad_id: int,
+def micro_batches(examples: list[Example], step_index: list[int], config: TrainingConfig, pad_id: int,
                   device: torch.device) -> list[MicroBatch]:
     size = config.resolved_micro_batch_size
     return [collate(examples, step_index[i:i + size], pad_id, device) for i in range(0, len(step_index), size)]

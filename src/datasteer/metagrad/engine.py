@@ -28,7 +28,7 @@ from torch import Tensor
 
 from datasteer.errors import ConfigError, InputError
 from datasteer.metagrad import checkpoint as ckpt
-from datasteer.metagrad.config import SFTConfig
+from datasteer.metagrad.config import TrainingConfig
 from datasteer.metagrad.data import Example, MicroBatch, example_losses, micro_batches, prepare_examples, step_batches
 from datasteer.metagrad.optim import Slots, learning_rates, make_optimizer
 
@@ -81,7 +81,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 class Unroll:
     """One fine-tuning run of `model` on `examples`, as pure functions of the training state."""
 
-    def __init__(self, model: torch.nn.Module, examples: Sequence[Mapping[str, Any]], config: SFTConfig,
+    def __init__(self, model: torch.nn.Module, examples: Sequence[Mapping[str, Any]], config: TrainingConfig,
                  weights: Tensor | Sequence[float] | None):
         check_model(model)
         self.model, self.config = model, config
@@ -219,10 +219,10 @@ class Unroll:
         return TrainState(adj_params, adj_slots)
 
 
-def train(model: torch.nn.Module, examples: Sequence[Mapping[str, Any]], config: SFTConfig | None = None,
+def train(model: torch.nn.Module, examples: Sequence[Mapping[str, Any]], config: TrainingConfig | None = None,
           weights: Tensor | Sequence[float] | None = None) -> dict[str, Tensor]:
     """Fine-tune functionally (the model is left untouched); returns every named parameter after training."""
-    config = config or SFTConfig()
+    config = config or TrainingConfig()
     with _eval_mode(model):
         unroll = Unroll(model, examples, config, weights)
         final = unroll.train()
@@ -230,10 +230,10 @@ def train(model: torch.nn.Module, examples: Sequence[Mapping[str, Any]], config:
 
 
 def metagradients(model: torch.nn.Module, examples: Sequence[Mapping[str, Any]], metric: Metric,
-                  config: SFTConfig | None = None, weights: Tensor | Sequence[float] | None = None,
+                  config: TrainingConfig | None = None, weights: Tensor | Sequence[float] | None = None,
                   progress: Progress | None = None) -> MetagradResult:
     """value = metric(model, params after training with per-example weights); scores = d value / d weights."""
-    config = config or SFTConfig()
+    config = config or TrainingConfig()
     with _eval_mode(model):
         unroll = Unroll(model, examples, config, weights)
         unroll.progress = progress

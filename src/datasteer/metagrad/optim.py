@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from datasteer.metagrad.config import SFTConfig
+from datasteer.metagrad.config import TrainingConfig
 
 Slots = dict[str, list[Tensor]]
 
@@ -176,7 +176,7 @@ class Adam:
         return out_p, {"exp_avg": out_m, "exp_avg_sq": out_v}, out_g
 
 
-def make_optimizer(config: SFTConfig) -> Optimizer:
+def make_optimizer(config: TrainingConfig) -> Optimizer:
     wd = config.resolved_weight_decay
     if config.optimizer == "sgd":
         return SGD(config.momentum, config.dampening, config.nesterov, wd)
@@ -195,6 +195,6 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
 
 
-def learning_rates(config: SFTConfig, total_steps: int) -> list[float]:
+def learning_rates(config: TrainingConfig, total_steps: int) -> list[float]:
     return [config.learning_rate * lr_factor(config.schedule, t, total_steps, config.warmup_steps)
             for t in range(total_steps)]

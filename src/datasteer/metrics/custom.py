@@ -22,20 +22,9 @@ from typing import Any
 
 from datasteer.errors import ConfigError, DatasteerError
 from datasteer.metrics.base import BaseScorer, as_int, register
+from datasteer.plugins import load_function
 
 
-def load_function(ref: str) -> Any:
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"custom metric '{ref}' must be package.module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"custom metric '{ref}': cannot import {module_name} ({err}); is it on PYTHONPATH?") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"custom metric '{ref}': {module_name} has no function {attr}")
-    return fn
 
 
 def _takes_prompts(fn: Any) -> bool:

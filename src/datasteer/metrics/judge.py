@@ -19,8 +19,14 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
+from datasteer.config import describe_validation_error
 from datasteer.errors import ConfigError
+from datasteer.generation.config import teacher_config
+from datasteer.io import Prompt
 from datasteer.metrics.base import BaseScorer, as_int, register
+from datasteer.runs import derive_seed
 
 DEFAULT_RUBRIC = ("How helpful, correct and clear is the response for the instruction? 1 = useless or wrong, "
                   "10 = excellent.")
@@ -58,18 +64,20 @@ class JudgeScorer(BaseScorer):
                  batch_size: int = 8, teacher: Any = None):
         super().__init__(name="judge", higher_is_better=True, batched=True, batch_size=batch_size, needs_prompts=True,
                          description=f"1-10 rating by judge {model} ({backend}) under the rubric: {rubric}")
-        from datasteer.config import SamplingConfig, TeacherConfig, build
-
         self.rubric = rubric
-        self.config = build(TeacherConfig, {
+        fields: dict[str, Any] = {
             "name": "judge", "model": model, "backend": backend, "k": 1, "batch_size": batch_size,
-            "sampling": SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens).model_dump(),
-            "system_prompt": SYSTEM_PROMPT, "base_url": base_url, "api_key_env": api_key_env,
-        }, "judge metric")
+            "sampling": {"temperature": 0.0, "max_new_tokens": max_new_tokens}, "system_prompt": SYSTEM_PROMPT}
+        if backend == "openai":
+            fields.update(base_url=base_url, api_key_env=api_key_env)
+        elif base_url is not None or api_key_env is not None:
+            raise ConfigError("judge: base_url and api_key_env apply to backend=openai only")
+        try:
+            self.config = teacher_config(**fields)
+        except ValidationError as err:
+            raise ConfigError(f"invalid judge metric: {describe_validation_error(err)}") from None
         if teacher is None:
-            from datasteer.generation.runner import make_teacher
-
-            teacher = make_teacher(self.config)
+            teacher = self.config.build()
         self._teacher = teacher
         self._loaded = False
         self.unparseable = 0
@@ -84,9 +92,6 @@ class JudgeScorer(BaseScorer):
         return (loaded.tokenizer, int(limit)) if limit else None
 
     def score(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> list[float]:
-        from datasteer.io import Prompt
-        from datasteer.runs import derive_seed
-
         if prompts is None or len(prompts) != len(texts):
             raise ConfigError("the judge metric needs the prompt of every row (a prompt column)")
         if not self._loaded:

@@ -17,16 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from datasteer.config import ScoreConfig, fingerprint
+from datasteer.config import fingerprint
 from datasteer.errors import ConfigError, InputError
 from datasteer.io import read_rows
 from datasteer.metrics.base import Scorer, build_scorers, parse_metrics
+from datasteer.metrics.config import ScoreConfig
 from datasteer.progress import track
 from datasteer.runs import Run, atomic_write_json, dump_rows, sha256_file
+from datasteer.stats import column_stats
 
 SCORED_FILE = "scored.jsonl"
 SUMMARY_FILE = "summary.json"
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 @dataclass
@@ -41,16 +42,6 @@ class ScoreResult:
     missing: dict[str, int] = field(default_factory=dict)
 
 
-def column_stats(values: list[float | None]) -> dict[str, Any]:
-    """count, missing, mean, std (sample), min, quantiles and max of a column (missing values left out)."""
-    present = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
-    stats: dict[str, Any] = {"count": int(present.size), "missing": len(values) - int(present.size)}
-    if present.size:
-        stats.update(mean=float(present.mean()), std=float(present.std(ddof=1)) if present.size > 1 else 0.0,
-                     min=float(present.min()), max=float(present.max()))
-        for q, v in zip(QUANTILES, np.quantile(present, QUANTILES)):
-            stats[f"p{int(q * 100)}"] = float(v)
-    return stats
 
 
 def _check_rows(rows: list[dict[str, Any]], config: ScoreConfig, scorers: list[Scorer]) -> None:

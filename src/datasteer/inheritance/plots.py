@@ -1,7 +1,7 @@
 """Plots for the active-inheritance report. Each function writes one PNG and returns its path.
 
-matplotlib runs on the Agg backend (files only, no display), imported lazily so that the
-package imports without it.
+matplotlib runs on the Agg backend (`datasteer.plotting`), imported lazily so that the package imports
+without it.
 """
 
 from __future__ import annotations
@@ -10,18 +10,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from datasteer.errors import optional_import
+from datasteer.plotting import pyplot
 
 COLOURS = {"base": "#7f7f7f", "random": "#1f77b4", "active": "#d62728"}
 _FALLBACK = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
 
 
-def _pyplot() -> Any:
-    matplotlib = optional_import("matplotlib", "plots", "pip install 'datasteer[train]'")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def colour(label: str, index: int) -> str:
@@ -39,7 +33,7 @@ def _values(rows: list[dict[str, Any]], column: str) -> list[float]:
 
 def metric_distributions(profiles: list[Any], metrics: list[str], path: Path) -> Path:
     """Per metric, one violin (with its median and quartiles) per profile: before/after distributions."""
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(3, len(metrics))
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
@@ -66,7 +60,7 @@ def metric_distributions(profiles: list[Any], metrics: list[str], path: Path) ->
 
 def objective_bars(comparison: Any, metrics: list[str], path: Path, n: dict[str, list[int]]) -> Path:
     """Per objective metric, the mean of each profile with a 95% interval of the mean."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 0.8, 3.4), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         row = comparison.row(metric)
@@ -94,7 +88,7 @@ def objective_bars(comparison: Any, metrics: list[str], path: Path, n: dict[str,
 def selection_histogram(candidates: list[dict[str, Any]], selections: dict[str, list[dict[str, Any]]],
                         column: str, path: Path) -> Path:
     """The objective over all candidates and over each selection: what the student is trained on."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     pool = _values(candidates, column)
     if pool:
@@ -117,7 +111,7 @@ def selection_histogram(candidates: list[dict[str, Any]], selections: dict[str, 
 
 def training_loss(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """Training loss per optimizer step for each fine-tuned student."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     for i, (label, log) in enumerate(logs.items()):
         steps = [e.get("step", j + 1) for j, e in enumerate(log)]

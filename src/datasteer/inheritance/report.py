@@ -8,7 +8,7 @@ from typing import Any
 
 from datasteer.inheritance.compare import Comparison, _fmt, paired_difference, per_prompt_means
 from datasteer.inheritance.profile import Profile
-from datasteer.inheritance.select import parse_objective
+from datasteer.inheritance.config import parse_objective
 from datasteer.runs import atomic_write_text
 
 PLOTS_DIR = "plots"
@@ -60,7 +60,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def write_inherit_report(config: Any, out: Path, profiles: list[Profile], comparison: Comparison) -> Path:
-    from datasteer.report import plots
+    from datasteer.inheritance import plots
 
     add_active_vs_random(comparison, profiles)
     objectives = objective_columns(list(config.selection.objectives))
@@ -104,7 +104,7 @@ def write_inherit_report(config: Any, out: Path, profiles: list[Profile], compar
         + ("; baseline: random selection with the same constraints" if "random" in arms else ""),
         f"- Student: `{config.student}`, {ft.method} fine-tuning"
         + (f" of the last {ft.train_layers} layers" if ft.train_layers else "")
-        + f", {ft.epochs:g} epochs, learning rate {ft.learning_rate:g}, batch {ft.batch_size}",
+        + f", {ft.num_train_epochs:g} epochs, learning rate {ft.learning_rate:g}, batch {ft.per_device_train_batch_size}",
         f"- Profiles: {'greedy' if pf.sampling.greedy else f'temperature {pf.sampling.temperature}'}, "
         f"k={pf.k}, max {pf.sampling.max_new_tokens} new tokens, seed {pf.seed}",
         "",

@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from datasteer.report.plots import _pyplot
+from datasteer.dpg.build import render_pattern
+from datasteer.plotting import pyplot
 from datasteer.runs import atomic_write_text
 
 ARM_COLOURS = {"dpg": "#d62728", "naive": "#1f77b4"}
@@ -45,7 +46,7 @@ def first_reaching(rows: list[dict[str, Any]], key: str, threshold: float) -> in
 
 def curves(arms: list[Any], path: Path) -> Path:
     """Validation Phi and readout (and each step's training-batch readout, faded) against examples seen."""
-    plt = _pyplot()
+    plt = pyplot()
     key = readout_key([r for a in arms for r in a.rows])
     panels = ["phi"] + ([key] if key else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.0), squeeze=False)
@@ -82,7 +83,7 @@ def _snapshots(slices: list[dict[str, Any]], count: int = 6) -> list[dict[str, A
 
 def lm_head_strip(arms: list[Any], pattern: list[list[float]], path: Path) -> Path:
     """The pattern, then sign(P - P0) of the validation target's slice at chosen steps, one row per arm."""
-    plt = _pyplot()
+    plt = pyplot()
     import numpy as np
 
     with_slices = [a for a in arms if a.slices]
@@ -170,8 +171,6 @@ def write_dpg_report(config: Any, out: Path, arms: list[Any]) -> tuple[Path, dic
     images = [curves(arms, plots / "curves.png")]
     pattern = None
     if config.target.kind == "lm_head_pattern" and any(a.slices for a in arms):
-        from datasteer.dpg.build import render_pattern
-
         pattern = render_pattern(config.target.pattern).tolist()
         images.append(lm_head_strip(arms, pattern, plots / "lm_head.png"))
         for arm in arms:
@@ -180,8 +179,8 @@ def write_dpg_report(config: Any, out: Path, arms: list[Any]) -> tuple[Path, dic
     lines = [f"# DPG: {config.name}", "", config.description.strip(), "",
              f"Generator `{config.generator.model}`, target `{config.target.model}`, target kind "
              f"`{config.target.kind}`; {config.grpo.steps} policy steps of {config.grpo.prompts_per_step} prompts x "
-             f"{config.grpo.num_generations} rollouts; the target is fine-tuned with {config.inner.optimizer} "
-             f"(lr {config.inner.learning_rate}, batches of {config.inner.batch_size}) from its initial weights "
+             f"{config.grpo.num_generations} rollouts; the target is fine-tuned with {config.training.optimizer} "
+             f"(lr {config.training.learning_rate}, batches of {config.training.batch_size}) from its initial weights "
              "at every step.", "",
              "Validation: a fresh target fine-tuned on the generator's rollouts for held-out prompts "
              "(step 0 = the untrained generator, i.e. data nobody steered; the untrained target = before any "

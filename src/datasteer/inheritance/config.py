@@ -1,0 +1,283 @@
+"""Configuration of the active-inheritance stages: select, finetune, profile and the `inherit` pipeline.
+
+Fine-tuning runs on TRL's SFTTrainer, so `FinetuneConfig` uses TRL's names (`num_train_epochs`,
+`per_device_train_batch_size`, ...) and passes any other `trl.SFTConfig` argument through its `trl:` section.
+The `inherit` recipe's `selection`, `finetune` and `profile` sections are these same models without the
+fields the pipeline fills in (inputs, models, prompts).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from datasteer.config import StrictModel, describe_validation_error, split_list
+from datasteer.errors import ConfigError
+from datasteer.generation.base import SamplingConfig
+from datasteer.generation.config import GenerateConfig, TeacherConfig
+from datasteer.io import PromptsConfig
+from datasteer.metrics.config import split_metric_specs
+from datasteer.training import LoraSpec
+
+_OBJECTIVE = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*:\s*(max|min)\s*(?::\s*([0-9.eE+\-]+))?\s*$")
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(>=|<=|==|!=|>|<)\s*([0-9.eE+\-]+|nan|inf)\s*$")
+_OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, ">": operator.gt,
+                                                   "<": operator.lt, "==": operator.eq, "!=": operator.ne}
+
+
+@dataclass(frozen=True)
+class Objective:
+    column: str
+    direction: str  # max | min
+    weight: float = 1.0
+
+    @property
+    def sign(self) -> float:
+        return 1.0 if self.direction == "max" else -1.0
+
+    def __str__(self) -> str:
+        return f"{self.column}:{self.direction}" + ("" if self.weight == 1.0 else f":{self.weight:g}")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    column: str
+    op: str
+    value: float
+
+    def holds(self, x: float | None) -> bool:
+        return x is not None and not math.isnan(x) and _OPS[self.op](x, self.value)
+
+    def __str__(self) -> str:
+        return f"{self.column}{self.op}{self.value:g}"
+
+
+def parse_objective(spec: str) -> Objective:
+    """`column:max`, `column:min` or `column:max:WEIGHT`."""
+    m = _OBJECTIVE.match(spec)
+    if not m:
+        raise ConfigError(f"objective '{spec}' is not COLUMN:max, COLUMN:min or COLUMN:max:WEIGHT "
+                          "(for example mtld:max or toxicity_profanity:min:0.5), or 'random'")
+    weight = float(m.group(3)) if m.group(3) else 1.0
+    if not math.isfinite(weight) or weight <= 0:
+        raise ConfigError(f"objective '{spec}': the weight must be a positive number")
+    return Objective(m.group(1), m.group(2), weight)
+
+
+def parse_constraint(spec: str) -> Constraint:
+    """`column>=value` with one of >=, <=, >, <, ==, !=."""
+    m = _CONSTRAINT.match(spec)
+    if not m:
+        raise ConfigError(f"constraint '{spec}' is not COLUMN OP NUMBER with OP one of >=, <=, >, <, ==, != "
+                          "(for example length>=50)")
+    try:
+        value = float(m.group(3))
+    except ValueError:
+        raise ConfigError(f"constraint '{spec}': '{m.group(3)}' is not a number") from None
+    return Constraint(m.group(1), m.group(2), value)
+
+
+
+# ---------------------------------------------------------------- select
+
+class SelectionRule(StrictModel):
+    """How one candidate per prompt is chosen (the `selection:` section of an inherit recipe)."""
+
+    objectives: list[str] = Field(..., min_length=1, description="COLUMN:max | COLUMN:min | COLUMN:max:WEIGHT, "
+                                  "or 'random' alone for the passive-inheritance baseline")
+    combine: Literal["weighted", "lexicographic"] = Field(
+        "weighted", description="several objectives: weighted sum of per-prompt z-scores, or lexicographic order")
+    constraints: list[str] = Field(default_factory=list, description="COLUMN OP NUMBER, e.g. length>=50")
+    sources: list[str] | None = Field(None, description="select only among these teachers' candidates "
+                                      "(single-source); None: the whole pool (multi-source)")
+
+    _split = field_validator("objectives", "constraints", "sources", mode="before")(
+        classmethod(lambda cls, v: split_list(v)))
+
+    @field_validator("objectives")
+    @classmethod
+    def _valid_objectives(cls, objectives: list[str]) -> list[str]:
+        if "random" in objectives:
+            if len(objectives) > 1:
+                raise ValueError("'random' selection cannot be combined with other objectives")
+            return objectives
+        parsed = [parse_objective(o) for o in objectives]
+        columns = [o.column for o in parsed]
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"an objective column is repeated: {columns}")
+        return [str(o) for o in parsed]
+
+    @field_validator("constraints")
+    @classmethod
+    def _valid_constraints(cls, constraints: list[str]) -> list[str]:
+        return [str(parse_constraint(c)) for c in constraints]
+
+
+class SelectConfig(SelectionRule):
+    """`datasteer select`: one candidate per prompt, by objectives over scored columns or at random."""
+
+    input: str = Field(..., description="scored candidates (scored.jsonl of `datasteer score`)")
+    seed: int = Field(0, description="seed of the random baseline")
+    id_field: str = Field("prompt_id", description="column grouping the candidates of one prompt")
+    text_field: str = Field("completion", description="column with the candidate text")
+    report_columns: list[str] = Field(default_factory=list, description="more columns whose shift the summary "
+                                      "reports")
+
+    _split_report = field_validator("report_columns", mode="before")(classmethod(lambda cls, v: split_list(v)))
+
+
+# ---------------------------------------------------------------- finetune
+
+class FinetuneSettings(StrictModel):
+    """How a student is fine-tuned (the `finetune:` section of an inherit recipe): TRL's SFT names."""
+
+    method: Literal["full", "lora"] = Field("full", description="full fine-tuning, or LoRA adapters (merged on "
+                                            "save)")
+    prompt_field: str = Field("prompt", description="column with the prompt")
+    completion_field: str = Field("completion", description="column with the completion to train on")
+    system_prompt: str | None = Field(None, description="system prompt used in the chat template (None: the "
+                                      "template's default, as at generation time)")
+    num_train_epochs: float = Field(2.0, gt=0, description="epochs over the rows")
+    learning_rate: float = Field(5e-5, gt=0, description="peak learning rate")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="transformers' learning-rate schedule")
+    warmup_steps: float = Field(0.0, ge=0, description="warm-up steps (a value below 1 is a fraction of all steps)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    per_device_train_batch_size: int = Field(8, ge=1, description="sequences per optimizer step (per device)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches summed into one optimizer step")
+    max_length: int = Field(512, ge=8, description="prompt + completion tokens; longer completions are cut "
+                            "(and then get no end-of-turn token)")
+    save_steps: int | None = Field(None, ge=1, description="checkpoint every N optimizer steps (default: each "
+                                   "epoch)")
+    seed: int = Field(0, description="seed of the data order and initialisation of adapters")
+    trl: dict[str, Any] = Field(default_factory=dict, description="any other trl.SFTConfig argument, passed "
+                                "through (e.g. {gradient_checkpointing: true, optim: adafactor})")
+    keep_checkpoints: bool = Field(False, description="keep checkpoints after the merged model is saved")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="training dtype")
+    device: str = Field("auto", description="auto, cpu, cuda, mps")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="peft LoraConfig arguments (method lora)")
+    train_layers: int | None = Field(None, ge=1, description="train only the last N transformer layers (full: the "
+                                     "rest is frozen, embeddings included; lora: adapters on those layers only); "
+                                     "None: all. Backpropagation stops at the lowest trained layer, so this is "
+                                     "much cheaper on a CPU")
+
+
+class FinetuneConfig(FinetuneSettings):
+    """`datasteer finetune`: supervised fine-tuning of a student on selected rows (TRL SFTTrainer)."""
+
+    input: str = Field(..., description="rows with a prompt and a completion (selected.jsonl)")
+    model: str = Field("embedded:smollm2", description="the student: a model spec")
+
+
+# ---------------------------------------------------------------- profile
+
+DEFAULT_PROFILE_METRICS = ["length", "lexical", "readability", "toxicity"]
+# The paper's toxicity protocol (RealToxicityPrompts style): 25 samples per prompt at top_p 0.9, temperature 1.
+TOXICITY_SAMPLES = 25
+
+
+class ProfileSettings(StrictModel):
+    """How a model is profiled (the `profile:` section of an inherit recipe)."""
+
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0),
+                                     description="greedy by default")
+    k: int = Field(1, ge=1, description="samples per prompt")
+    toxicity: bool = Field(False, description=f"toxicity mode: {TOXICITY_SAMPLES} samples per prompt at "
+                           "temperature 1, top_p 0.9, reporting Expected Maximum Toxicity and Toxicity Probability")
+    system_prompt: str | None = Field(None, description="system prompt (None: the chat template's default)")
+    batch_size: int = Field(16, ge=1, description="prompts per generation batch")
+    seed: int = Field(0, description="sampling seed")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights' dtype")
+    device: str = Field("auto", description="auto, cpu, cuda, mps")
+
+
+class ProfileConfig(ProfileSettings):
+    """`datasteer profile`: what a model writes on held-out prompts, measured by every metric."""
+
+    model: str = Field(..., description="model spec: embedded:smollm2, a fine-tuned run's model/ directory, an HF id")
+    prompts: PromptsConfig = Field(default_factory=lambda: PromptsConfig(path="builtin:instructions-heldout"),
+                                   description="held-out prompts (default: the shipped instructions-heldout)")
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$",
+                              description="name in tables (default: from the model)")
+    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_PROFILE_METRICS),
+                               description="metric specs (see `datasteer metrics`)")
+
+    _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: split_metric_specs(v)))
+
+    @model_validator(mode="after")
+    def _toxicity_mode(self) -> ProfileConfig:
+        # validate_assignment would re-enter this validator: set fields with object.__setattr__
+        if self.toxicity:
+            if "k" not in self.model_fields_set:
+                object.__setattr__(self, "k", TOXICITY_SAMPLES)
+            if "sampling" not in self.model_fields_set:
+                object.__setattr__(self, "sampling", SamplingConfig(temperature=1.0, top_p=0.9,
+                                                                    max_new_tokens=self.sampling.max_new_tokens))
+            if not any(m.split("[")[0] == "toxicity" for m in self.metrics):
+                object.__setattr__(self, "metrics", [*self.metrics, "toxicity"])
+        if self.k > 1 and self.sampling.greedy:
+            raise ValueError(f"k={self.k} samples with greedy decoding (temperature 0) repeat one answer; "
+                             "set sampling.temperature > 0 or k: 1")
+        return self
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        base = self.model.rstrip("/").split("/")
+        stem = base[-2] if base[-1] == "model" and len(base) > 1 else base[-1]
+        return "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem.split(":")[-1]) or "model"
+
+
+# ---------------------------------------------------------------- the pipeline
+
+class InheritConfig(StrictModel):
+    """`datasteer inherit`: generate -> score -> select (active and random) -> finetune -> profile -> report."""
+
+    name: str = Field("inherit", description="the experiment's name (the report's title)")
+    description: str = Field("", description="what the experiment tests (the report's first paragraph)")
+    seed: int = Field(0, description="run seed; the stages' seeds default to it")
+    prompts: PromptsConfig = Field(..., description="prompts the teachers answer (the training set)")
+    eval_prompts: PromptsConfig = Field(..., description="held-out prompts for the profiles")
+    teachers: list[TeacherConfig] = Field(..., min_length=1, description="one or several teachers")
+    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_PROFILE_METRICS),
+                               description="metrics scored on candidates and on every profile")
+    selection: SelectionRule
+    random_baseline: bool = Field(True, description="also train on a random selection (passive inheritance)")
+    student: str = Field("embedded:smollm2", description="the student's model spec")
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    profile: ProfileSettings = Field(default_factory=ProfileSettings)
+
+    _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: split_metric_specs(v)))
+
+    @model_validator(mode="after")
+    def _parts(self) -> InheritConfig:
+        GenerateConfig(prompts=self.prompts, teachers=self.teachers, seed=self.seed)
+        for section, make in (("profile", lambda: self.profile_config(self.student, "base")),):
+            try:
+                make()
+            except ValidationError as err:
+                raise ValueError(f"{section}.{describe_validation_error(err)}") from None
+        return self
+
+    def generate_config(self) -> GenerateConfig:
+        return GenerateConfig(prompts=self.prompts, teachers=self.teachers, seed=self.seed)
+
+    def select_config(self, input: str, arm: str, report_columns: list[str]) -> SelectConfig:
+        rule = self.selection.model_dump()
+        if arm == "random":
+            rule.update(objectives=["random"], combine="weighted")
+        return SelectConfig(input=input, seed=self.seed, report_columns=report_columns, **rule)
+
+    def finetune_config(self, input: str) -> FinetuneConfig:
+        return FinetuneConfig(input=input, model=self.student,
+                              **{"seed": self.seed, **self.finetune.model_dump(exclude_unset=True)})
+
+    def profile_config(self, model: str, label: str) -> ProfileConfig:
+        return ProfileConfig(model=model, prompts=self.eval_prompts, label=label, metrics=self.metrics,
+                             **{"seed": self.seed, **self.profile.model_dump(exclude_unset=True)})

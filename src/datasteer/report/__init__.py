@@ -1,1 +1,0 @@
-"""Reports: plots (matplotlib, written as PNG into a run directory) and Markdown."""
