@@ -12,6 +12,18 @@ Nothing is written until the first unit finishes (`Run.ensure_created`), so a ru
 while validating inputs or loading a model leaves no directory behind. Units are planned
 deterministically and seeded from (run seed, unit name), never from what ran before, so a
 resumed run produces exactly the rows an uninterrupted one would.
+
+The stage lifecycle, the same for every stage (generate, score, select, finetune, profile, inherit, each
+DPG arm):
+
+    run = Run.prepare(out, stage="score", config=config, inputs={"rows": file_input(path, rows)}, seed=...)
+    if run.complete:                      # finished earlier: read the result back, do nothing
+        return Result.load(run)
+    ... write_shard / write_output as units finish (skipping units whose shard exists) ...
+    run.finish(summary)
+
+`prepare` fingerprints the config (operational fields left out), hashes the inputs and refuses a changed
+config; writes are atomic; in a distributed run (torchrun, accelerate) only the main process writes.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from datasteer.config import fingerprint
 from datasteer.errors import RunMismatchError
 
 MANIFEST = "manifest.json"
@@ -96,6 +109,23 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def file_input(path: str | Path, rows: int | None = None) -> dict[str, Any]:
+    """What a manifest records about an input file, so that a changed file is noticed on resume."""
+    info: dict[str, Any] = {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+    if rows is not None:
+        info["rows"] = rows
+    return info
+
+
+def is_main_process() -> bool:
+    """False on every rank but 0 of a distributed run (torchrun, accelerate launch): those never write."""
+    for variable in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(variable)
+        if value is not None and value.strip() not in ("", "0"):
+            return False
+    return True
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in TRACKED_PACKAGES:
@@ -160,16 +190,21 @@ class Run:
         self.manifest = manifest
         self._exists = exists
         self._discard_on_create = discard_on_create  # --overwrite: remove the old run when new work lands
+        self.writes = is_main_process()  # only the main process of a distributed run writes
+        self._finished_before = False
 
     @classmethod
-    def prepare(cls, path: str | Path, *, stage: str, config: dict[str, Any], inputs: dict[str, Any],
+    def prepare(cls, path: str | Path, *, stage: str, config: Any, inputs: dict[str, Any],
                 seed: int, overwrite: bool = False) -> Run:
         """Open `path` for `stage`, checking an existing manifest against `config` and `inputs`.
 
-        Creates nothing on disk yet. An existing run made with another config or other inputs
-        is refused unless `overwrite`, which discards it when the first new unit is written.
+        `config` is a pydantic config (fingerprinted here: operational fields left out) or an already
+        fingerprinted dict. Creates nothing on disk yet. An existing run made with another config or other
+        inputs is refused unless `overwrite`, which discards it when the first new unit is written.
         """
         path = Path(path)
+        if not isinstance(config, dict):
+            config = fingerprint(config)
         manifest = {
             "datasteer_run": 1,
             "stage": stage,
@@ -198,18 +233,25 @@ class Run:
                     raise RunMismatchError(
                         f"{path} holds a run made with a different {key} ({diff}); rerun with the same settings to "
                         "resume it, choose another --out, or pass --overwrite to discard it and start a new run")
+            finished = old.get("status") == "complete"
             old.update(status="running", updated=_now(), versions=manifest["versions"],
                        git_commit=manifest["git_commit"])
             run = cls(path, old, exists=True)
+            run._finished_before = finished
             run._remove_temporaries()
             return run
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise RunMismatchError(f"{path} is not empty and holds no datasteer run; choose another --out")
         return cls(path, manifest, exists=False, discard_on_create=overwrite and path.exists())
 
+    @property
+    def complete(self) -> bool:
+        """Whether this run finished earlier (its stage's outputs are all there)."""
+        return self._exists and self._finished_before
+
     # -- creation is lazy so that failures before the first unit leave nothing behind
     def ensure_created(self) -> None:
-        if self._exists:
+        if self._exists or not self.writes:
             return
         if self._discard_on_create:
             shutil.rmtree(self.path)
@@ -236,6 +278,8 @@ class Run:
     def write_shard(self, group: str, unit: str, rows: list[dict[str, Any]]) -> Path:
         self.ensure_created()
         path = self.shard_path(group, unit)
+        if not self.writes:
+            return path
         if path.exists():
             raise RuntimeError(f"shard {path} already exists; shards are append-only")
         atomic_write_bytes(path, dump_rows(rows))
@@ -253,13 +297,18 @@ class Run:
     def write_output(self, name: str, data: bytes) -> Path:
         self.ensure_created()
         path = self.path / name
-        atomic_write_bytes(path, data)
+        if self.writes:
+            atomic_write_bytes(path, data)
         return path
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return self.write_output(name, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.ensure_created()
         self.manifest.update(status="complete", updated=_now(), summary=summary)
-        atomic_write_json(self.path / MANIFEST, self.manifest)
+        if self.writes:
+            atomic_write_json(self.path / MANIFEST, self.manifest)
 
 
 def _command_line() -> list[str]:

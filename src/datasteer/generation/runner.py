@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasteer.config import fingerprint
 from datasteer.generation.base import Completion, Teacher, TeacherBase
 from datasteer.generation.config import GenerateConfig
 from datasteer.io import Prompt, describe_input, read_prompts
@@ -93,6 +92,13 @@ class GenerateResult:
     generation_seconds: float  # time spent generating
     per_source: dict[str, int] = field(default_factory=dict)
 
+    @classmethod
+    def load(cls, run: Run) -> GenerateResult:
+        """The result of a finished generate run, read back from its manifest (nothing generated now)."""
+        s = run.manifest["summary"]
+        return cls(run_dir=run.path, candidates_path=run.path / CANDIDATES_FILE, rows=s["rows"], generated_rows=0,
+                   generated_tokens=0, seconds=0.0, generation_seconds=0.0, per_source=dict(s["per_source"]))
+
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
@@ -106,9 +112,11 @@ def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False
     `overwrite`. `teachers` lets a caller pass ready backends (already loaded models) by name.
     """
     prompts = read_prompts(config.prompts)
-    run = Run.prepare(out, stage="generate", config=fingerprint(config),
+    run = Run.prepare(out, stage="generate", config=config,
                       inputs={"prompts": describe_input(config.prompts, prompts)}, seed=config.seed,
                       overwrite=overwrite)
+    if run.complete:
+        return GenerateResult.load(run)
     teachers = dict(teachers or {})
     for t in config.teachers:
         if t.name not in teachers:

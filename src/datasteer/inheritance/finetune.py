@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from datasteer.chat import tokenize_row
-from datasteer.config import fingerprint
 from datasteer.errors import InputError, optional_import
 from datasteer.inheritance.config import FinetuneConfig
 from datasteer.io import read_rows
 from datasteer.models import _publish, load_model
 from datasteer.progress import track
-from datasteer.runs import Run, atomic_write_json, sha256_file
+from datasteer.runs import Run, file_input
 from datasteer.training import check_trl_section, latest_checkpoint, progress_callback, quiet_trainer, trl_arguments
 
 MODEL_DIR = "model"
@@ -117,12 +116,10 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
     check_trl_section("SFTConfig", config.trl, "trl")
     if config.method == "lora":
         optional_import("peft", "LoRA fine-tuning", "pip install 'datasteer[train]'")
-    run = Run.prepare(out, stage="finetune", config=fingerprint(config),
-                      inputs={"rows": {"path": str(Path(config.input).resolve()), "sha256": sha256_file(config.input),
-                                       "rows": len(rows)}},
+    run = Run.prepare(out, stage="finetune", config=config, inputs={"rows": file_input(config.input, len(rows))},
                       seed=config.seed, overwrite=overwrite)
     model_dir = run.path / MODEL_DIR
-    if run.exists and (model_dir / ".complete").is_file():
+    if run.complete:
         info = json.loads((run.path / TRAINING_FILE).read_text(encoding="utf-8"))
         return FinetuneResult(run_dir=run.path, model_dir=model_dir, examples=info["examples"], steps=info["steps"],
                               final_loss=info["final_loss"], seconds=0.0, resumed_from="complete", log=info["log"])
@@ -204,7 +201,7 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
     info = {"examples": len(examples), "steps": trainer.state.global_step, "epochs": config.num_train_epochs,
             "final_loss": final_loss, "seconds": seconds, "resumed_from": resume.name if resume else None,
             **counts, "log": log}
-    atomic_write_json(run.path / TRAINING_FILE, info)
+    run.write_json(TRAINING_FILE, info)
     _publish(model_dir, save)
     if not config.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from datasteer.config import fingerprint
 from datasteer.errors import ConfigError, InputError
 from datasteer.generation.runner import generate
 from datasteer.inheritance.compare import Comparison, compare
@@ -78,7 +77,7 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
     _check_selection_columns(config, [s.name for s in build_scorers(specs)])
     for spec in [t.model for t in config.teachers if t.backend != "openai"] + [config.student]:
         parse_spec(spec)  # unknown embedded/tiny names and missing local directories fail here
-    run = Run.prepare(out, stage="inherit", config=fingerprint(config),
+    run = Run.prepare(out, stage="inherit", config=config,
                       inputs={"prompts": describe_input(config.prompts, prompts),
                               "eval_prompts": describe_input(config.eval_prompts, eval_prompts)},
                       seed=config.seed, overwrite=overwrite)

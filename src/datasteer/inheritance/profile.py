@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasteer.config import fingerprint
 from datasteer.errors import InputError
 from datasteer.generation.config import GenerateConfig
 from datasteer.generation.runner import generate
@@ -30,7 +29,7 @@ from datasteer.io import describe_input, read_prompts
 from datasteer.metrics.base import build_scorers, parse_metrics
 from datasteer.metrics.config import ScoreConfig
 from datasteer.metrics.runner import score
-from datasteer.runs import Run, atomic_write_json
+from datasteer.runs import Run
 
 PROFILE_ROWS = "profile.jsonl"
 PROFILE_SUMMARY = "profile.json"
@@ -75,10 +74,10 @@ def profile(config: ProfileConfig, out: str | Path, *, overwrite: bool = False, 
     prompts = read_prompts(config.prompts)
     specs = [str(s) for s in parse_metrics(config.metrics)]
     scorers = build_scorers(specs)  # unknown metrics and missing extras fail here, before any work
-    run = Run.prepare(out, stage="profile", config=fingerprint(config),
+    run = Run.prepare(out, stage="profile", config=config,
                       inputs={"prompts": describe_input(config.prompts, prompts)}, seed=config.seed,
                       overwrite=overwrite)
-    if run.exists and (run.path / PROFILE_SUMMARY).is_file():
+    if run.complete:
         return load_profile(run.path)
     tc = teacher_config(config)
     teacher = TransformersTeacher(tc, loaded=loaded)
@@ -104,6 +103,6 @@ def profile(config: ProfileConfig, out: str | Path, *, overwrite: bool = False, 
         "mean_completion_tokens": sum(tokens) / len(tokens),
         "metrics": scored.summary["metrics"],
     }
-    atomic_write_json(run.path / PROFILE_SUMMARY, summary)
+    run.write_json(PROFILE_SUMMARY, summary)
     run.finish({"label": config.name, "samples": scored.rows, "output": PROFILE_SUMMARY})
     return load_profile(run.path)

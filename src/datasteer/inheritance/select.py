@@ -26,6 +26,7 @@ candidate) and how many candidates were eligible.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import random
 from collections import Counter
@@ -33,11 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasteer.config import fingerprint
 from datasteer.errors import InputError
 from datasteer.inheritance.config import Constraint, Objective, SelectConfig, parse_constraint, parse_objective
 from datasteer.io import read_rows
-from datasteer.runs import Run, atomic_write_json, derive_seed, dump_rows, sha256_file
+from datasteer.runs import Run, derive_seed, dump_rows, file_input
 from datasteer.stats import column_stats
 
 SELECTED_FILE = "selected.jsonl"
@@ -198,6 +198,13 @@ class SelectResult:
     dropped: int
     summary: dict[str, Any]
 
+    @classmethod
+    def load(cls, run: Run) -> SelectResult:
+        """The result of a finished select run, read back from its directory."""
+        summary = json.loads((run.path / SUMMARY_FILE).read_text(encoding="utf-8"))
+        return cls(run_dir=run.path, selected_path=run.path / SELECTED_FILE, selected=summary["selected"],
+                   dropped=summary["dropped"], summary=summary)
+
 
 def selection_summary(rows: list[dict[str, Any]], selection: Selection, config: SelectConfig) -> dict[str, Any]:
     """What the selection did to every numeric column: all candidates vs the selected rows."""
@@ -240,14 +247,14 @@ def select(config: SelectConfig, out: str | Path, *, overwrite: bool = False) ->
         raise InputError(f"selection is empty: all {len(selection.dropped)} prompts were dropped ("
                          + "; ".join(f"{n} x {r}" for r, n in reasons) + "); relax the constraints or score the "
                          "missing columns")
-    run = Run.prepare(out, stage="select", config=fingerprint(config),
-                      inputs={"rows": {"path": str(Path(config.input).resolve()), "sha256": sha256_file(config.input),
-                                       "rows": len(rows)}},
+    run = Run.prepare(out, stage="select", config=config, inputs={"rows": file_input(config.input, len(rows))},
                       seed=config.seed, overwrite=overwrite)
+    if run.complete:
+        return SelectResult.load(run)
     summary = selection_summary(rows, selection, config)
     path = run.write_output(SELECTED_FILE, dump_rows(selection.selected))
     run.write_output(DROPPED_FILE, dump_rows(selection.dropped))
-    atomic_write_json(run.path / SUMMARY_FILE, summary)
+    run.write_json(SUMMARY_FILE, summary)
     run.finish({"selected": len(selection.selected), "dropped": len(selection.dropped), "output": SELECTED_FILE,
                 "summary": SUMMARY_FILE})
     return SelectResult(run_dir=run.path, selected_path=path, selected=len(selection.selected),

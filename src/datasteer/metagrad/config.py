@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from datasteer.metagrad.optim import OPTIMIZERS
+
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -36,7 +38,7 @@ class TrainingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    optimizer: str = Field("adamw", description=f"one of {', '.join(OPTIMIZERS)} (`metagrad.optim.OPTIMIZERS`)")
     learning_rate: float = Field(1e-4, ge=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     dampening: float = Field(0.0, ge=0, le=1)
@@ -62,6 +64,13 @@ class TrainingConfig(BaseModel):
     memory_budget: int | str | None = Field(
         None, description="bytes (or '2GB') that stored training states may use; picks the densest schedule")
     checkpoint_dir: str | None = Field(None, description="directory for checkpoint='disk' (default: a temp dir)")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, value: str) -> str:
+        if value not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer '{value}'; choose one of {', '.join(OPTIMIZERS)}")
+        return value
 
     @field_validator("betas")
     @classmethod

@@ -5,19 +5,38 @@ parameters and new slots (momentum buffers, Adam moments) without touching its i
 can take the vector-Jacobian product of one training step with respect to the parameters, the
 optimizer state and the gradient. The arithmetic follows torch.optim's single-tensor code paths
 (`torch/optim/sgd.py`, `adam.py`, `adamw.py`) so a forward trajectory matches torch.optim.
+
+`OPTIMIZERS` maps each name `TrainingConfig.optimizer` accepts to a factory from the training settings:
+adding an optimizer is a class with `init`, `update` and `vjp` here and one entry there.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
 
-from datasteer.metagrad.config import TrainingConfig
-
 Slots = dict[str, list[Tensor]]
+
+
+class Settings(Protocol):
+    """The training settings that optimizer factories and schedules read (`TrainingConfig` has them all);
+    a protocol, so that the config can validate its optimizer against `OPTIMIZERS` without an import circle."""
+
+    optimizer: str
+    learning_rate: float
+    momentum: float
+    dampening: float
+    nesterov: bool
+    betas: tuple[float, float]
+    eps: float
+    schedule: str
+    warmup_steps: int
+
+    @property
+    def resolved_weight_decay(self) -> float: ...
 
 
 class _SafeSqrt(torch.autograd.Function):
@@ -176,11 +195,16 @@ class Adam:
         return out_p, {"exp_avg": out_m, "exp_avg_sq": out_v}, out_g
 
 
-def make_optimizer(config: TrainingConfig) -> Optimizer:
-    wd = config.resolved_weight_decay
-    if config.optimizer == "sgd":
-        return SGD(config.momentum, config.dampening, config.nesterov, wd)
-    return Adam(config.betas, config.eps, wd, decoupled=config.optimizer == "adamw")
+OPTIMIZERS: dict[str, Callable[[Settings], Optimizer]] = {
+    "sgd": lambda c: SGD(c.momentum, c.dampening, c.nesterov, c.resolved_weight_decay),
+    "adam": lambda c: Adam(c.betas, c.eps, c.resolved_weight_decay, decoupled=False),
+    "adamw": lambda c: Adam(c.betas, c.eps, c.resolved_weight_decay, decoupled=True),
+}
+
+
+def make_optimizer(config: Settings) -> Optimizer:
+    """The optimizer `config.optimizer` names (`TrainingConfig` has checked it is in `OPTIMIZERS`)."""
+    return OPTIMIZERS[config.optimizer](config)
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
@@ -195,6 +219,6 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
 
 
-def learning_rates(config: TrainingConfig, total_steps: int) -> list[float]:
+def learning_rates(config: Settings, total_steps: int) -> list[float]:
     return [config.learning_rate * lr_factor(config.schedule, t, total_steps, config.warmup_steps)
             for t in range(total_steps)]

@@ -9,6 +9,7 @@ scorer) are JSON null and are counted in the summary, never dropped.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from datasteer.config import fingerprint
 from datasteer.errors import ConfigError, InputError
 from datasteer.io import read_rows
 from datasteer.metrics.base import Scorer, build_scorers, parse_metrics
 from datasteer.metrics.config import ScoreConfig
 from datasteer.progress import track
-from datasteer.runs import Run, atomic_write_json, dump_rows, sha256_file
+from datasteer.runs import Run, dump_rows, file_input
 from datasteer.stats import column_stats
 
 SCORED_FILE = "scored.jsonl"
@@ -40,6 +40,15 @@ class ScoreResult:
     scored_units: int  # units computed by this call (the rest were resumed from shards)
     seconds: float
     missing: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, run: Run) -> ScoreResult:
+        """The result of a finished score run, read back from its directory."""
+        summary = json.loads((run.path / SUMMARY_FILE).read_text(encoding="utf-8"))
+        columns = list(summary["metrics"])
+        return cls(run_dir=run.path, scored_path=run.path / SCORED_FILE, rows=summary["rows"], columns=columns,
+                   summary=summary, scored_units=0, seconds=0.0,
+                   missing={c: summary["metrics"][c]["missing"] for c in columns})
 
 
 
@@ -70,10 +79,10 @@ def score(config: ScoreConfig, out: str | Path, *, overwrite: bool = False, prog
     scorers = scorers if scorers is not None else build_scorers(specs)
     _check_rows(rows, config, scorers)
     config = config.model_copy(update={"metrics": specs})
-    run = Run.prepare(out, stage="score", config=fingerprint(config),
-                      inputs={"rows": {"path": str(Path(config.input).resolve()), "sha256": sha256_file(config.input),
-                                       "rows": len(rows)}},
+    run = Run.prepare(out, stage="score", config=config, inputs={"rows": file_input(config.input, len(rows))},
                       seed=0, overwrite=overwrite)
+    if run.complete:
+        return ScoreResult.load(run)
     texts = [r[config.text_field] for r in rows]
     prompts = [r.get(config.prompt_field) for r in rows]
     chunks = [(lo, min(lo + config.chunk_size, len(rows))) for lo in range(0, len(rows), config.chunk_size)]
@@ -114,7 +123,7 @@ def score(config: ScoreConfig, out: str | Path, *, overwrite: bool = False, prog
     scored = [{**row, **{c: merged[c][i] for c in columns}} for i, row in enumerate(rows)]
     path = run.write_output(SCORED_FILE, dump_rows(scored))
     summary = _summary(config, rows, scorers, merged)
-    atomic_write_json(run.path / SUMMARY_FILE, summary)
+    run.write_json(SUMMARY_FILE, summary)
     run.finish({"rows": len(rows), "columns": columns, "output": SCORED_FILE, "summary": SUMMARY_FILE})
     return ScoreResult(run_dir=run.path, scored_path=path, rows=len(rows), columns=columns, summary=summary,
                        scored_units=len(pending), seconds=seconds,
