@@ -37,7 +37,7 @@ from datasteer.inheritance.profile import Profile, profile
 from datasteer.inheritance.report import headline_lines, objective_columns, write_inherit_report
 from datasteer.inheritance.select import did_you_mean, select
 from datasteer.io import describe_input, read_prompts
-from datasteer.metrics.base import build_scorers, parse_metrics
+from datasteer.metrics.base import metric_columns, parse_metrics
 from datasteer.metrics.config import ScoreConfig
 from datasteer.metrics.runner import score
 from datasteer.models import parse_spec
@@ -74,7 +74,7 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
         raise InputError(f"{len(overlap)} held-out prompt(s) also appear in the training prompts (e.g. "
                          f"'{sorted(overlap)[0][:60]}'); profiles must use prompts the student was not trained on")
     specs = [str(s) for s in parse_metrics(config.metrics)]
-    _check_selection_columns(config, [s.name for s in build_scorers(specs)])
+    _check_selection_columns(config, metric_columns(specs))
     for spec in [t.model for t in config.teachers if t.backend != "openai"] + [config.student]:
         parse_spec(spec)  # unknown embedded/tiny names and missing local directories fail here
     run = Run.prepare(out, stage="inherit", config=config,

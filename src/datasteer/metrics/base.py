@@ -36,6 +36,11 @@ class Scorer(Protocol):
 
     def score(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> list[float]: ...
 
+    def summarize(self, values: Sequence[float | None], groups: Sequence[str] | None) -> dict[str, Any]:
+        """What the run summary adds for this column beyond count/mean/std/quantiles (e.g. toxicity's EMT);
+        `groups[i]` is row i's prompt id (None when the rows have none)."""
+        ...
+
 
 @dataclasses.dataclass
 class BaseScorer:
@@ -50,6 +55,9 @@ class BaseScorer:
 
     def score(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> list[float]:
         raise NotImplementedError
+
+    def summarize(self, values: Sequence[float | None], groups: Sequence[str] | None) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         """Free models or connections (the runner calls it when a metric is done)."""
@@ -77,17 +85,22 @@ class Registered:
     factory: Factory
     help: str
     params: tuple[str, ...]  # accepted parameters (besides `column`)
+    columns: Callable[[dict[str, str]], list[str]]  # the columns it writes, from its parameters, without building
 
 
 REGISTRY: dict[str, Registered] = {}
 GROUPS: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str, help: str, params: Sequence[str] = ()) -> Callable[[Factory], Factory]:
-    """Decorator: make `factory(**params) -> Scorer` available under `name`."""
+def register(name: str, help: str, params: Sequence[str] = (),
+             columns: Callable[[dict[str, str]], list[str]] | None = None) -> Callable[[Factory], Factory]:
+    """Decorator: make `factory(**params) -> Scorer` available under `name`. `columns(params)` declares the
+    column(s) it writes (default: one column named `name`), so that a pipeline knows them before any model
+    loads."""
 
     def wrap(factory: Factory) -> Factory:
-        REGISTRY[name] = Registered(factory=factory, help=help, params=tuple(params))
+        REGISTRY[name] = Registered(factory=factory, help=help, params=tuple(params),
+                                    columns=columns or (lambda _params: [name]))
         return factory
 
     return wrap
@@ -171,6 +184,25 @@ def build_scorers(specs: Sequence[MetricSpec | str]) -> list[Scorer]:
     if duplicates:
         raise ConfigError(f"metric column(s) {duplicates} requested twice; drop one or give it column=NEW_NAME")
     return scorers
+
+
+def metric_columns(specs: Sequence[MetricSpec | str]) -> list[str]:
+    """The columns the specs write, as declared at registration (no scorer is built, no model loads)."""
+    from datasteer import metrics  # noqa: F401  (importing the package registers the built-in scorers)
+
+    columns: list[str] = []
+    for spec in specs:
+        spec = parse_metric(spec) if isinstance(spec, str) else spec
+        if spec.name in GROUPS:
+            for member in GROUPS[spec.name]:
+                params = {k: v for k, v in spec.params.items() if k in REGISTRY[member].params}
+                columns.extend(REGISTRY[member].columns(params))
+        elif spec.name in REGISTRY:
+            declared = REGISTRY[spec.name].columns(spec.params)
+            columns.extend([spec.column] if spec.column and len(declared) == 1 else declared)
+        else:
+            _build_one(spec)  # the one-line error for an unknown metric
+    return columns
 
 
 def _build_one(spec: MetricSpec) -> list[Scorer]:

@@ -70,7 +70,8 @@ class CustomScorer(BaseScorer):
 
 
 @register("custom", "a package.module:function of (texts) or (texts, prompts)",
-          params=("fn", "higher_is_better", "batch_size"))
+          params=("fn", "higher_is_better", "batch_size"),
+          columns=lambda params: [params.get("fn", "").partition(":")[2] or "custom"])
 def _custom(fn: str = "", higher_is_better: str = "true", batch_size: str = "256") -> CustomScorer:
     if not fn:
         raise ConfigError("custom metric needs fn=package.module:function")

@@ -132,15 +132,15 @@ def score(config: ScoreConfig, out: str | Path, *, overwrite: bool = False, prog
 
 def _summary(config: ScoreConfig, rows: list[dict[str, Any]], scorers: list[Scorer],
              merged: dict[str, list[float | None]]) -> dict[str, Any]:
-    from datasteer.metrics.toxicity import toxicity_summary
-
+    """Per column: the scorer's description and direction, its statistics, and what the scorer itself adds."""
+    groups = [str(r[config.id_field]) for r in rows] if all(config.id_field in r for r in rows) else None
     metrics: dict[str, Any] = {}
     for scorer in scorers:
         values = merged[scorer.name]
         entry = {"description": scorer.description, "higher_is_better": scorer.higher_is_better,
                  **column_stats(values)}
-        if getattr(scorer, "is_toxicity", False) and all(config.id_field in r for r in rows):
-            entry["toxicity"] = toxicity_summary([v if v is not None else math.nan for v in values],
-                                                 [str(r[config.id_field]) for r in rows])
+        summarize = getattr(scorer, "summarize", None)  # optional for scorers written against the protocol
+        if summarize is not None:
+            entry.update(summarize(values, groups))
         metrics[scorer.name] = entry
     return {"rows": len(rows), "text_field": config.text_field, "metrics": metrics}

@@ -49,8 +49,6 @@ class ToxicityScorer(BaseScorer):
     """Base for the backends: blank texts score 0 (nothing was said) without a model call; the
     class also marks the column as a toxicity score for the EMT / TP summaries."""
 
-    is_toxicity = True
-
     def score(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> list[float]:
         out = [0.0] * len(texts)
         todo = [i for i, t in enumerate(texts) if t.strip()]
@@ -58,6 +56,12 @@ class ToxicityScorer(BaseScorer):
             for i, value in zip(todo, self._score([texts[i] for i in todo])):
                 out[i] = value
         return out
+
+    def summarize(self, values: Sequence[float | None], groups: Sequence[str] | None) -> dict[str, Any]:
+        """Expected Maximum Toxicity and Toxicity Probability over the samples of each prompt."""
+        if groups is None:
+            return {}
+        return {"toxicity": toxicity_summary([math.nan if v is None else v for v in values], groups)}
 
     def _score(self, texts: list[str]) -> list[float]:
         raise NotImplementedError
@@ -230,7 +234,8 @@ def split_bytes(text: str, limit: int) -> list[str]:
 
 @register("toxicity", "toxicity by backend: profanity (offline, offensive language), detoxify, perspective",
           params=("backend", "model_type", "checkpoint", "config_path", "device", "batch_size", "max_tokens",
-                  "api_key_env", "base_url", "qps", "max_retries", "language"))
+                  "api_key_env", "base_url", "qps", "max_retries", "language"),
+          columns=lambda params: [f"toxicity_{params.get('backend', 'profanity')}"])
 def _toxicity(backend: str = "profanity", **options: str) -> ToxicityScorer:
     allowed = {
         "profanity": set(),
