@@ -11,6 +11,7 @@ repository's `recipes/` folder points here).
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,25 @@ from datasteer.config import M, build, child_annotation, unwrap
 from datasteer.errors import ConfigError, InputError
 
 RECIPES_DIR = Path(__file__).resolve().parent
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: `1e-3` and `5e-5` are numbers (YAML 1.1 reads them as text), here and in
+    every nested section that is passed through to TRL or peft."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -39,9 +59,13 @@ def describe(path: Path) -> tuple[str, str]:
     """(command, one-line description) of a recipe: `datasteer dpg` or `inherit` etc., and its summary."""
     data = load_recipe(path)
     kind = data.get("command") or ("dpg" if "generator" in data else "inherit" if "student" in data else "generate")
-    text = " ".join(str(data.get("description") or "").split())
-    first = text.split(". ")[0].rstrip(".")
-    return str(kind), (first + "." if first else "")
+    comment = next((line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.startswith("#")), "")
+    text = " ".join(str(data.get("description") or comment).split())
+    first = text.split(". ")[0].split("; ")[0].rstrip(".")
+    if len(first) > 110:
+        first = first[:107].rsplit(" ", 1)[0] + "..."
+    return str(kind), first
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -55,7 +79,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise InputError(f"recipe not found: {path} (a file path, or a built-in name: "
                          f"{', '.join(builtin_recipes())})")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -91,7 +115,7 @@ def parse_value(raw: str, annotation: Any) -> Any:
     """`raw` as the field's type expects it: text stays text; anything else is read as YAML."""
     kinds = _accepts(annotation) if annotation is not None else {"other"}
     try:
-        parsed = yaml.safe_load(raw)
+        parsed = _yaml(raw)
     except yaml.YAMLError:
         parsed = raw
     if "text" not in kinds:
