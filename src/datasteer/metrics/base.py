@@ -4,6 +4,9 @@ A scorer turns a batch of texts (and, for scorers that need them, their prompts)
 per text; NaN means "no value" (an unparseable judge answer, HD-D of a text that is too short, a
 user function that returned NaN) and becomes a missing value (JSON null) in the scored rows.
 
+The built-in scorers register themselves when `datasteer.metrics` is imported, which Python does before
+it runs this module (a package's `__init__` runs before its submodules).
+
 A metric spec names a registered scorer with optional parameters in brackets, and optionally the
 column it writes:
 
@@ -161,8 +164,6 @@ def _split_top(text: str, sep: str) -> list[str]:
 
 def build_scorers(specs: Sequence[MetricSpec | str]) -> list[Scorer]:
     """Scorers for the specs, groups expanded; unknown names and parameters fail here, before any work."""
-    from datasteer import metrics  # noqa: F401  (importing the package registers the built-in scorers)
-
     scorers: list[Scorer] = []
     for spec in specs:
         spec = parse_metric(spec) if isinstance(spec, str) else spec
@@ -188,8 +189,6 @@ def build_scorers(specs: Sequence[MetricSpec | str]) -> list[Scorer]:
 
 def metric_columns(specs: Sequence[MetricSpec | str]) -> list[str]:
     """The columns the specs write, as declared at registration (no scorer is built, no model loads)."""
-    from datasteer import metrics  # noqa: F401  (importing the package registers the built-in scorers)
-
     columns: list[str] = []
     for spec in specs:
         spec = parse_metric(spec) if isinstance(spec, str) else spec
