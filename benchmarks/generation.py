@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from datasteer.config import GenerateConfig
+from datasteer.chat import encode_prompts
+from datasteer.generation.config import GenerateConfig
 from datasteer.generation import generate
 from datasteer.generation.runner import plan_units
-from datasteer.generation.transformers_backend import TransformersTeacher, encode_prompts, eos_token_ids
+from datasteer.generation.transformers_backend import TransformersTeacher, eos_token_ids
 from datasteer.io import read_prompts
 from datasteer.models import load_model
 from datasteer.runs import derive_seed

@@ -56,9 +56,9 @@ def build(preset: str, device: str, steps: int, seed: int = 0):
 
 
 def sft_config(p: dict, device: str, **extra):
-    from datasteer.metagrad import SFTConfig
+    from datasteer.metagrad import TrainingConfig
 
-    return SFTConfig(batch_size=p["batch"], learning_rate=1e-4, max_length=p["length"], device=device, **extra)
+    return TrainingConfig(batch_size=p["batch"], learning_rate=1e-4, max_length=p["length"], device=device, **extra)
 
 
 def peak_bytes(device: str) -> int:
