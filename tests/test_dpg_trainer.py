@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from datasteer.config import build
-from datasteer.dpg.build import allowed_token_ids, restrict_vocabulary
+from datasteer.dpg.generator import allowed_token_ids, restrict_vocabulary
 from datasteer.dpg.config import DPGConfig
 from datasteer.dpg.trainer import dpg, read_jsonl
 from datasteer.models import load_model
@@ -33,7 +33,7 @@ def recipe(tmp_path: Path, **over) -> dict:
         "target": {"model": "tiny:gpt2?hidden=16&layers=1&heads=2&seed=2&tokenizer=chars", "kind": "lm_head_pattern",
                    "pattern": {"glyph": "67"}},
         "training": {"optimizer": "sgd", "learning_rate": 1.0, "batch_size": 4, "max_length": 16},
-        "grpo": {"steps": 4, "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 8,
+        "grpo": {"max_steps": 4, "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 8,
                  "learning_rate": 1e-2},
         "prompts": {"path": str(train)}, "eval_prompts": {"path": str(held)},
         "validation": {"every": 2}, "save_steps": 2,
@@ -76,14 +76,15 @@ def test_a_few_steps_of_both_arms_write_the_run(tmp_path):
 
 def test_rewards_handed_to_trl_are_the_advantages(tmp_path):
     """TRL (scale_rewards='none') subtracts the group mean; our group-normalised values pass through unchanged."""
-    from datasteer.dpg.build import build_target
-    from datasteer.dpg.rewards import dpg_rewards, group_advantages
-    from datasteer.dpg.trainer import RewardFunction
+    from datasteer.dpg.records import StepRecords
+    from datasteer.dpg.rewards import InnerLoop, RewardFunction, dpg_rewards, group_advantages
 
     config = build(DPGConfig, recipe(tmp_path))
     loaded = load_model(config.target.model, attn_implementation="eager")
-    target = build_target(config.target, loaded.model, loaded.tokenizer)
-    reward = RewardFunction("dpg", config, loaded.model, loaded.tokenizer, loaded.tokenizer, target)
+    target = config.target.build(loaded.model, loaded.tokenizer)
+    records = StepRecords()
+    inner = InnerLoop(loaded.model, loaded.tokenizer, target, config.training)
+    reward = RewardFunction("dpg", config.grpo.num_generations, inner, loaded.tokenizer, records)
     texts = ["!a!b#c", "$$a%", "&'a!b", "bc!#", "#a#b#c", "''a", "ab!!", "%&c"]
     ids = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     out = torch.tensor(reward(prompts=["p"] * 8, completions=texts, completion_ids=ids), dtype=torch.float64)
@@ -94,7 +95,7 @@ def test_rewards_handed_to_trl_are_the_advantages(tmp_path):
     trl = (grouped - grouped.mean(dim=1, keepdim=True)).flatten()  # TRL's advantage with scale_rewards='none'
     assert torch.allclose(trl, expected, atol=1e-6)
     assert torch.allclose(grouped.std(dim=1, unbiased=False), torch.ones(2, dtype=torch.float64), atol=1e-4)
-    assert reward.last["rollouts"] == 8 and reward.last["readout"]["pixel_accuracy"] >= 0
+    assert records.latest()["rollouts"] == 8 and records.latest()["readout"]["pixel_accuracy"] >= 0
 
 
 def test_restricted_vocabulary_reaches_sampling_and_trl_scoring():
@@ -154,7 +155,7 @@ def _comparable(rows: list[dict]) -> list[dict]:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    data = recipe(tmp_path, grpo={"steps": 6, "prompts_per_step": 2, "num_generations": 4,
+    data = recipe(tmp_path, grpo={"max_steps": 6, "prompts_per_step": 2, "num_generations": 4,
                                   "max_completion_length": 8, "learning_rate": 1e-2})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -187,7 +188,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 def test_lora_generator_with_a_kl_term(tmp_path):
     data = recipe(tmp_path, save_steps=10)
     data["generator"]["lora"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    data["grpo"].update(steps=2, kl_beta=0.04)
+    data["grpo"].update(max_steps=2, beta=0.04)
     dpg(build(DPGConfig, data), tmp_path / "run", progress=False)
     rows = read_jsonl(tmp_path / "run" / "dpg" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -196,13 +197,13 @@ def test_lora_generator_with_a_kl_term(tmp_path):
 
 @pytest.mark.parametrize("chat", [True, False])
 def test_validation_prompts_are_encoded_as_trl_encodes_training_prompts(chat):
-    """Validation samples from `encode_prompts`; TRL tokenises the dataset prompts `_prompt_value` builds."""
-    from datasteer.dpg.trainer import _prompt_value
+    """Validation samples from `encode_prompts`; TRL tokenises the dataset prompts `prompt_value` builds."""
+    from datasteer.dpg.grpo import prompt_value
     from datasteer.generation.transformers_backend import encode_prompts
 
     tokenizer = load_model("tiny:llama?hidden=16&layers=1&heads=2").tokenizer  # has a chat template
     prompt, system = "seed 7", "Write symbols."
-    value = _prompt_value(prompt, chat, system)
+    value = prompt_value(prompt, chat, system)
     if chat:  # TRL's conversational path
         trl_ids = tokenizer.apply_chat_template(conversation=[value], add_generation_prompt=True, tokenize=True,
                                                 return_dict=True)["input_ids"][0]

@@ -1,66 +1,23 @@
 """Configuration of a Dataset Policy Gradient run (`datasteer dpg RECIPE`).
 
-A recipe names a generator, a target and what the target should become (`target`), how the target is
-fine-tuned inside every reward (`inner`, the metagradient engine's `TrainingConfig`), and how the generator is
-trained (`grpo`). Defaults follow the DPG paper's public code: 4 rollouts per prompt, clip 0.2, no KL term,
-group-normalised advantages, the target reset to its initial weights at every policy step.
+A recipe names a generator, a target and what the target should become (`target`, one of the kinds in
+`datasteer.dpg.targets`, chosen by `kind`), how the target is fine-tuned inside every reward (`training`, the
+metagradient engine's `TrainingConfig`), and how the generator is trained (`grpo`: TRL's GRPOConfig names, any
+other GRPOConfig argument in `grpo.trl`). Defaults follow the DPG paper's public code: 4 rollouts per prompt,
+clip 0.2, no KL term, group-normalised advantages, the target reset to its initial weights at every policy step.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from datasteer.config import StrictModel
+from datasteer.dpg.targets import TargetSpec
 from datasteer.io import PromptsConfig
 from datasteer.metagrad.config import TrainingConfig
-
-
-class PatternSpec(StrictModel):
-    """Where the +-1 pattern comes from: exactly one of glyph, qr, file."""
-
-    glyph: str | None = Field(None, description="text rendered with a built-in bitmap font ('67' is 7 x 6)")
-    font: Literal["auto", "3x7", "5x7"] = "auto"
-    qr: str | None = Field(None, description="payload of a QR code (version 1 is 21 x 21)")
-    file: str | None = Field(None, description="text file of '#' (+1) and '.' (-1) rows")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> PatternSpec:
-        given = [k for k in ("glyph", "qr", "file") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"a pattern needs exactly one of glyph, qr, file (got {', '.join(given) or 'none'})")
-        return self
-
-
-class TargetSpec(StrictModel):
-    """The target model and the differentiable metric Phi that the generator's data should raise."""
-
-    model: str = Field(..., min_length=1, description="model spec of the target (loaded with eager attention)")
-    kind: Literal["lm_head_pattern", "l2_norm", "text_loss", "custom"]
-    # lm_head_pattern
-    pattern: PatternSpec | None = None
-    beta: float = Field(20.0, gt=0)
-    token_ids: list[int] | None = Field(None, description="rows of the LM head; default: writable characters")
-    dims: list[int] | None = Field(None, description="columns (hidden dims); default: 0..cols-1")
-    # lm_head_pattern / l2_norm
-    param: str | None = Field(None, description="parameter name; default: the LM head")
-    # text_loss
-    texts: list[str] | None = None
-    texts_file: str | None = Field(None, description="one text per line, or a JSONL/CSV file with a 'text' column")
-    max_length: int = Field(128, ge=2, description="tokens per text for text_loss")
-    # custom
-    function: str | None = Field(None, description="package.module:function(model, params) -> 0-d tensor")
-
-    @model_validator(mode="after")
-    def _fields_for_kind(self) -> TargetSpec:
-        if self.kind == "lm_head_pattern" and self.pattern is None:
-            raise ValueError("target kind lm_head_pattern needs 'pattern' (glyph, qr or file)")
-        if self.kind == "text_loss" and not (self.texts or self.texts_file):
-            raise ValueError("target kind text_loss needs 'texts' or 'texts_file'")
-        if self.kind == "custom" and not self.function:
-            raise ValueError("target kind custom needs 'function' (package.module:function)")
-        return self
+from datasteer.training import LoraSpec
 
 
 class GeneratorSpec(StrictModel):
@@ -75,15 +32,17 @@ class GeneratorSpec(StrictModel):
         "applied as a logit mask in sampling and in the policy's log-probabilities alike")
     allow_eos: bool = Field(True, description="with allowed_tokens: whether EOS is allowed too (false: every "
                             "rollout has max_completion_length tokens, so the policy cannot learn to say nothing)")
-    lora: dict | None = Field(None, description="peft LoraConfig arguments (r, lora_alpha, target_modules, ...); "
-                              "None trains every weight")
+    lora: LoraSpec | None = Field(None, description="peft LoraConfig arguments (r, lora_alpha, target_modules, "
+                                  "...); None trains every weight")
 
 
 class GRPOSpec(StrictModel):
-    """The generator's policy-gradient training (TRL's GRPOTrainer underneath)."""
+    """The generator's policy-gradient training: TRL's GRPOTrainer underneath, its GRPOConfig names here (all but
+    `prompts_per_step`, which TRL has no field for), and any other GRPOConfig argument in `trl`."""
 
-    steps: int = Field(100, ge=1, description="policy steps")
-    prompts_per_step: int = Field(16, ge=1)
+    max_steps: int = Field(100, ge=1, description="policy steps")
+    prompts_per_step: int = Field(16, ge=1, description="prompts per policy step (each sampled num_generations "
+                                  "times)")
     num_generations: int = Field(4, ge=2, description="rollouts per prompt (k)")
     max_completion_length: int = Field(128, ge=1)
     temperature: float = Field(1.0, gt=0)
@@ -92,10 +51,12 @@ class GRPOSpec(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     epsilon: float = Field(0.2, gt=0, description="PPO clip range")
-    kl_beta: float = Field(0.0, ge=0, description="KL penalty to the reference (initial) generator; 0 = none")
+    beta: float = Field(0.0, ge=0, description="KL penalty to the reference (initial) generator; 0 = none")
     num_iterations: int = Field(1, ge=1, description="policy updates per batch of rollouts")
     gradient_checkpointing: bool = False
     use_vllm: bool = False
+    trl: dict[str, Any] = Field(default_factory=dict, description="any other trl.GRPOConfig argument, passed "
+                                "through (e.g. report_to, lr_scheduler_type, vllm_mode)")
 
 
 class ValidationSpec(StrictModel):

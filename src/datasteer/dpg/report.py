@@ -1,5 +1,8 @@
 """Plots and the markdown report of a DPG run: curves against examples seen, the LM-head slice next to its
-pattern (a strip and an animated GIF), and a headline per arm."""
+pattern (a strip and an animated GIF), and a headline per arm.
+
+What to show comes from the target's declaration (`config.target.readout`: its readout key, which way is better,
+the thresholds to count examples to), never from the keys found in the metrics."""
 
 from __future__ import annotations
 
@@ -7,23 +10,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from datasteer.dpg.build import render_pattern
+from datasteer.dpg.config import DPGConfig
+from datasteer.dpg.targets import LMHeadPatternSpec, Readout
 from datasteer.plotting import pyplot
 from datasteer.runs import atomic_write_text
 
 ARM_COLOURS = {"dpg": "#d62728", "naive": "#1f77b4"}
-THRESHOLDS = (0.90, 0.95)
-LOWER_IS_BETTER = {"l2", "loss"}  # readouts that Phi drives down (Phi itself is always higher-is-better)
-
-
-def readout_key(rows: list[dict[str, Any]]) -> str | None:
-    """The human readout a target reports besides phi (pixel_accuracy, l2, loss), if any."""
-    for row in rows:
-        keys = [k for k, v in (row.get("validation") or {}).items()
-                if k not in ("phi", "rollouts", "trained", "sample") and isinstance(v, (int, float))]
-        if keys:
-            return keys[0]
-    return None
 
 
 def validation_series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -44,10 +36,10 @@ def first_reaching(rows: list[dict[str, Any]], key: str, threshold: float) -> in
     return None
 
 
-def curves(arms: list[Any], path: Path) -> Path:
+def curves(arms: list[Any], readout: Readout, path: Path) -> Path:
     """Validation Phi and readout (and each step's training-batch readout, faded) against examples seen."""
     plt = pyplot()
-    key = readout_key([r for a in arms for r in a.rows])
+    key = readout.key
     panels = ["phi"] + ([key] if key else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.0), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -61,8 +53,8 @@ def curves(arms: list[Any], path: Path) -> Path:
                 ax.plot(*zip(*points), color=c, alpha=0.25, lw=1, label=f"{arm.arm}: the step's batch")
             vx, vy = validation_series(arm.rows, panel)
             ax.plot(vx, vy, color=c, marker="o", ms=3, lw=2, label=f"{arm.arm}: validation")
-        if panel == "pixel_accuracy":
-            for t in THRESHOLDS:
+        if panel == key:
+            for t in readout.thresholds:
                 ax.axhline(t, color="#444", ls=":", lw=1)
         ax.set_xlabel("examples seen (rollouts the target was trained on)")
         ax.set_title(panel if panel != "phi" else "Phi (higher is better)")
@@ -133,8 +125,8 @@ def lm_head_gif(arm: Any, pattern: list[list[float]], path: Path, scale: int = 2
     return path
 
 
-def summarise(arms: list[Any]) -> dict[str, Any]:
-    key = readout_key([r for a in arms for r in a.rows])
+def summarise(arms: list[Any], readout: Readout) -> dict[str, Any]:
+    key = readout.key
     out: dict[str, Any] = {"readout": key, "arms": {}}
     for arm in arms:
         xs, ys = validation_series(arm.rows, key) if key else ([], [])
@@ -142,15 +134,15 @@ def summarise(arms: list[Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {"steps": arm.rows[-1]["step"] if arm.rows else 0,
                                  "examples_seen": arm.rows[-1]["examples_seen"] if arm.rows else 0}
         untrained = (arm.rows[0].get("untrained") or {}) if arm.rows else {}
-        if key in untrained and key != "pixel_accuracy":  # an untrained slice has no change, so no sign
+        if key in untrained and readout.untrained:
             entry["untrained"] = untrained[key]
         if ys:
-            best = min(ys) if key in LOWER_IS_BETTER else max(ys)
+            best = max(ys) if readout.higher_is_better else min(ys)
             entry.update(start=ys[0], final=ys[-1], best=best, change=ys[-1] - ys[0])
         if phis:
             entry.update(phi_start=phis[0], phi_final=phis[-1])
-        if key == "pixel_accuracy":
-            entry["examples_to"] = {f"{t:.0%}": first_reaching(arm.rows, key, t) for t in THRESHOLDS}
+        if readout.thresholds:
+            entry["examples_to"] = {f"{t:.0%}": first_reaching(arm.rows, key, t) for t in readout.thresholds}
         out["arms"][arm.arm] = entry
     return out
 
@@ -163,39 +155,44 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_dpg_report(config: Any, out: Path, arms: list[Any]) -> tuple[Path, dict[str, Any]]:
+def headline_table(summary: dict[str, Any], readout: Readout) -> list[str]:
+    """The markdown table of `summarise`: one row per arm, a column per threshold the readout declares."""
+    key = readout.key
+    header = ["arm", "examples seen", f"{key} of the untrained target", f"{key} at step 0", f"{key} final",
+              f"{key} best", "Phi at step 0", "Phi final"]
+    header += [f"examples to {t:.0%}" for t in readout.thresholds]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, entry in summary["arms"].items():
+        cells = [arm, entry["examples_seen"], entry.get("untrained"), entry.get("start"), entry.get("final"),
+                 entry.get("best"), entry.get("phi_start"), entry.get("phi_final")]
+        cells += [entry["examples_to"][f"{t:.0%}"] for t in readout.thresholds]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return lines
+
+
+def write_dpg_report(config: DPGConfig, out: Path, arms: list[Any]) -> tuple[Path, dict[str, Any]]:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    summary = summarise(arms)
-    key = summary["readout"]
-    images = [curves(arms, plots / "curves.png")]
-    pattern = None
-    if config.target.kind == "lm_head_pattern" and any(a.slices for a in arms):
-        pattern = render_pattern(config.target.pattern).tolist()
+    readout = config.target.readout
+    summary = summarise(arms, readout)
+    grpo, training = config.grpo, config.training
+    images = [curves(arms, readout, plots / "curves.png")]
+    if isinstance(config.target, LMHeadPatternSpec) and any(a.slices for a in arms):
+        pattern = config.target.pattern.render().tolist()
         images.append(lm_head_strip(arms, pattern, plots / "lm_head.png"))
         for arm in arms:
             if arm.slices:
                 images.append(lm_head_gif(arm, pattern, plots / f"lm_head-{arm.arm}.gif"))
     lines = [f"# DPG: {config.name}", "", config.description.strip(), "",
              f"Generator `{config.generator.model}`, target `{config.target.model}`, target kind "
-             f"`{config.target.kind}`; {config.grpo.steps} policy steps of {config.grpo.prompts_per_step} prompts x "
-             f"{config.grpo.num_generations} rollouts; the target is fine-tuned with {config.training.optimizer} "
-             f"(lr {config.training.learning_rate}, batches of {config.training.batch_size}) from its initial weights "
-             "at every step.", "",
+             f"`{config.target.kind}`; {grpo.max_steps} policy steps of {grpo.prompts_per_step} prompts x "
+             f"{grpo.num_generations} rollouts; the target is fine-tuned with {training.optimizer} "
+             f"(lr {training.learning_rate}, batches of {training.batch_size}) from its initial weights at every "
+             "step.", "",
              "Validation: a fresh target fine-tuned on the generator's rollouts for held-out prompts "
              "(step 0 = the untrained generator, i.e. data nobody steered; the untrained target = before any "
              "fine-tuning).", "", "## Headline", ""]
-    header = ["arm", "examples seen", f"{key} of the untrained target", f"{key} at step 0", f"{key} final",
-              f"{key} best", "Phi at step 0", "Phi final"]
-    if key == "pixel_accuracy":
-        header += ["examples to 90%", "examples to 95%"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for arm, entry in summary["arms"].items():
-        cells = [arm, entry["examples_seen"], entry.get("untrained"), entry.get("start"), entry.get("final"),
-                 entry.get("best"), entry.get("phi_start"), entry.get("phi_final")]
-        if key == "pixel_accuracy":
-            cells += [entry["examples_to"]["90%"], entry["examples_to"]["95%"]]
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    lines += headline_table(summary, readout)
     lines += ["", "## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in images]
     lines += ["", "## Files", "", "Per arm: `metrics.jsonl` (every step), `slices.jsonl` (LM-head slices at "

@@ -7,19 +7,23 @@ rollouts' response text, re-tokenised with the target's tokenizer and truncated 
   values are tiny (~1e-9 in the paper), so advantages are normalised per prompt group.
 - Naive: split the rollouts into k datasets (the j-th rollout of every prompt goes to dataset j), fine-tune on
   each, and reward every example with its dataset's Phi; advantages are normalised over the whole batch.
+
+`RewardFunction` is the callable TRL's GRPOTrainer calls with a generation batch: rollouts -> target rewards ->
+normalised advantages; it appends the record of each batch to the arm's `StepRecords`.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from datasteer.dpg.targets import Target
+from datasteer.dpg.records import StepRecords
 from datasteer.errors import InputError
-from datasteer.metagrad import TrainingConfig, metagradients, train
+from datasteer.metagrad import Target, TrainingConfig, metagradients, train
 
 
 @dataclass
@@ -106,3 +110,64 @@ def batch_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
     """(r - batch mean) / (batch std + eps) (the naive baseline: every example of a split shares its reward)."""
     rewards = rewards.double()
     return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
+
+
+# ---------------------------------------------------------------- the reward function TRL calls
+
+@dataclass
+class InnerLoop:
+    """The target side of every reward: the target model (each fine-tuning starts from its initial weights), its
+    tokenizer (re-tokenises rollouts), Phi, and how the target is fine-tuned."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    target: Target
+    training: TrainingConfig
+
+
+class RewardFunction:
+    """Called by GRPOTrainer with the whole generation batch; returns normalised advantages as rewards and
+    appends the batch's record (reward statistics, Phi, readout, a sample) to `records`."""
+
+    def __init__(self, arm: str, num_generations: int, inner: InnerLoop, tokenizer: Any, records: StepRecords):
+        self.arm = arm
+        self.__name__ = f"{arm}_reward"
+        self.k = num_generations
+        self.inner = inner
+        self.tokenizer = tokenizer                  # the generator's: decodes rollouts
+        self.records = records
+
+    def texts(self, completion_ids: list[list[int]]) -> list[str]:
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids]
+
+    def __call__(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
+                 **kwargs: Any) -> list[float]:
+        start = time.perf_counter()
+        texts = self.texts(completion_ids)
+        inner = self.inner
+        if self.arm == "dpg":
+            groups = [i // self.k for i in range(len(texts))]  # TRL's sampler repeats each prompt k times in a row
+            result = dpg_rewards(inner.model, inner.tokenizer, texts, inner.target, inner.training)
+            advantages = group_advantages(result.rewards, groups)
+        else:
+            splits = [i % self.k for i in range(len(texts))]
+            result = naive_rewards(inner.model, inner.tokenizer, texts, splits, inner.target, inner.training)
+            advantages = batch_advantages(result.rewards)
+        self.records.append(step_record(result, texts, completion_ids, time.perf_counter() - start))
+        return advantages.tolist()
+
+
+def step_record(result: Rewards, texts: list[str], completion_ids: list[list[int]], seconds: float) -> dict:
+    r = result.rewards
+    lengths = [len(ids) for ids in completion_ids]
+    return {
+        "rollouts": len(texts),
+        "reward": {"mean": float(r.mean()), "std": float(r.std(unbiased=False)), "min": float(r.min()),
+                   "max": float(r.max())},
+        "untrainable": sum(not t for t in result.trained),
+        "completion_tokens_mean": sum(lengths) / max(len(lengths), 1),
+        "phi": result.phi,
+        "readout": result.readout,
+        "reward_seconds": round(seconds, 3),
+        "sample": texts[0][:200],
+    }

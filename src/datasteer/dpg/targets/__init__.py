@@ -17,9 +17,9 @@ declares, `check` before a model loads, `build` on the loaded target) beside its
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, Any, Union
 
-from pydantic import Field
+from pydantic import Discriminator, Tag
 
 from datasteer.dpg.targets.base import Readout, TargetSpecBase, parameter_name, printable_token_ids
 from datasteer.dpg.targets.custom import CustomTarget, CustomTargetSpec, custom
@@ -36,7 +36,16 @@ TARGETS: dict[str, type[TargetSpecBase]] = {
     "custom": CustomTargetSpec,
 }
 
-TargetSpec = Annotated[Union[tuple(TARGETS.values())], Field(discriminator="kind")]  # type: ignore[misc]
+
+def _kind(value: Any) -> str | None:
+    return value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+
+
+TargetSpec = Annotated[
+    Union[tuple(Annotated[cls, Tag(kind)] for kind, cls in TARGETS.items())],  # type: ignore[misc]
+    Discriminator(_kind, custom_error_type="unknown_target_kind",
+                  custom_error_message=f"kind must be one of {', '.join(TARGETS)}"),
+]
 
 __all__ = ["TARGETS", "CustomTarget", "CustomTargetSpec", "L2Norm", "L2NormSpec", "LMHeadPattern",
            "LMHeadPatternSpec", "PatternSpec", "Readout", "Target", "TargetSpec", "TargetSpecBase", "TextLoss",

@@ -1,4 +1,5 @@
-"""Turn a recipe's target section into a `Target` on a loaded model, and pick the generator's alphabet."""
+"""The generator's side of a DPG run: what can fail before it loads, whether its prompts go through the chat
+template, and its alphabet (`allowed_tokens`, applied as a frozen LM-head bias)."""
 
 from __future__ import annotations
 
@@ -6,64 +7,34 @@ from typing import Any
 
 import torch
 
-from datasteer.dpg import glyphs
-from datasteer.dpg.config import DPGConfig, PatternSpec, TargetSpec
-from datasteer.dpg.targets import Target, custom, l2_norm, lm_head_pattern, printable_token_ids, text_loss
+from datasteer.dpg.config import DPGConfig, GeneratorSpec
+from datasteer.dpg.grpo import check_grpo_section
+from datasteer.dpg.targets import LMHeadPattern, Target, printable_token_ids
 from datasteer.errors import ConfigError, InputError, optional_import
-from datasteer.io import read_texts
-from datasteer.plugins import load_function
-
-
-def render_pattern(spec: PatternSpec) -> torch.Tensor:
-    if spec.glyph is not None:
-        return glyphs.glyph(spec.glyph, spec.font)
-    if spec.qr is not None:
-        return glyphs.qr(spec.qr)
-    return glyphs.from_file(spec.file)
-
-
-def target_texts(spec: TargetSpec) -> list[str]:
-    texts = list(spec.texts or [])
-    if spec.texts_file:
-        texts += read_texts(spec.texts_file, "text")
-    return texts
-
-
-def check_target(spec: TargetSpec) -> None:
-    """Everything about the target that can fail before a model loads (pattern files, texts, custom import)."""
-    if spec.kind == "lm_head_pattern":
-        render_pattern(spec.pattern)
-    elif spec.kind == "text_loss":
-        texts = target_texts(spec)
-        if not all(t.strip() for t in texts):
-            raise InputError("target texts must not be empty")
-    elif spec.kind == "custom":
-        load_function(spec.function, "custom target")
 
 
 def check_generator(config: DPGConfig) -> None:
-    """The generator's options that can fail before a model loads: TRL (and LoRA, vLLM) installed, LoRA arguments."""
+    """The generator's options that can fail before a model loads: TRL (and LoRA, vLLM) installed, LoRA arguments,
+    the `grpo.trl` pass-through."""
     optional_import("trl", "datasteer dpg (GRPO through TRL)", "pip install 'datasteer[train]'")
+    check_grpo_section(config.grpo)
     if config.generator.lora is not None:
-        peft = optional_import("peft", "a LoRA generator", "pip install 'datasteer[train]'")
+        optional_import("peft", "a LoRA generator", "pip install 'datasteer[train]'")
         try:
-            peft.LoraConfig(task_type="CAUSAL_LM", **config.generator.lora)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"generator.lora: {str(err).splitlines()[0]}") from None
+            config.generator.lora.peft_config()
+        except ConfigError as err:
+            raise ConfigError(f"generator.{err}") from None
     if config.grpo.use_vllm:
         optional_import("vllm", "grpo.use_vllm", "pip install 'datasteer[vllm]'")
 
 
-def build_target(spec: TargetSpec, model: torch.nn.Module, tokenizer: Any) -> Target:
-    if spec.kind == "lm_head_pattern":
-        return lm_head_pattern(model, render_pattern(spec.pattern), tokenizer, token_ids=spec.token_ids,
-                               dims=spec.dims, beta=spec.beta, param=spec.param)
-    if spec.kind == "l2_norm":
-        return l2_norm(model, spec.param)
-    if spec.kind == "text_loss":
-        device = next(model.parameters()).device
-        return text_loss(target_texts(spec), tokenizer, spec.max_length, device)
-    return custom(spec.function)
+def use_chat(spec: GeneratorSpec, tokenizer: Any) -> bool:
+    """Whether prompts go through the chat template: `generator.chat`, or by default when there is one."""
+    if spec.chat is not None:
+        if spec.chat and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("generator.chat is true but the generator's tokenizer has no chat template")
+        return spec.chat
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def allowed_token_ids(allowed: str | list[str], tokenizer: Any, eos: bool = True) -> list[int] | None:
@@ -103,3 +74,14 @@ def restrict_vocabulary(model: torch.nn.Module, token_ids: list[int]) -> None:
     if head.bias is not None:
         bias = bias + head.bias.detach()
     head.bias = torch.nn.Parameter(bias, requires_grad=False)
+
+
+def restrict_alphabet(spec: GeneratorSpec, model: torch.nn.Module, tokenizer: Any, target: Target,
+                      target_tokenizer: Any) -> None:
+    """Apply `generator.allowed_tokens` to the loaded generator; a pattern target's rows must stay writable."""
+    allowed = allowed_token_ids(spec.allowed_tokens, tokenizer, spec.allow_eos)
+    if allowed is None:
+        return
+    restrict_vocabulary(model, allowed)
+    if isinstance(target, LMHeadPattern):
+        target.check_writable(target_tokenizer, {tokenizer.decode([i]) for i in allowed})

@@ -1,0 +1,110 @@
+"""An arm's metrics files, and the rows that go into them.
+
+- `metrics.jsonl`: one row per policy step (`StepLogger`): step, examples seen, the record of that step's
+  rewards (`StepRecords`, filled by the reward function), and every `validation.every` steps the validation;
+  step 0 holds the untrained target's readout and the untrained generator's validation.
+- `slices.jsonl`: the LM-head slice's change at every validation (pattern targets; written by the validator).
+
+Rows are appended with fsync; a line cut by a crash ends the file as read, and a resumed run truncates both
+files to the checkpoint it restarts from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from datasteer.dpg.config import GRPOSpec
+from datasteer.runs import atomic_write_text
+
+METRICS = "metrics.jsonl"
+SLICES = "slices.jsonl"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a crash: it and anything after it are recomputed
+    return rows
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep rows up to `last_step` (the checkpoint a resumed run restarts from)."""
+    rows = [r for r in read_jsonl(path) if r["step"] <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+class StepRecords:
+    """The hand-off from the reward function to the step logger: each reward call appends the record of its
+    batch of rollouts; a policy step's row takes the latest (with num_iterations > 1 TRL takes several optimizer
+    steps on one batch, so consecutive rows share it)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def latest(self) -> dict[str, Any]:
+        return self.records[-1] if self.records else {}
+
+
+class StepLogger:
+    """Writes an arm's metrics rows: step 0 when training begins on a fresh run, then one row per policy step,
+    validated every `every` steps and after the last; prints a progress line per step when `say` is given."""
+
+    def __init__(self, arm: str, grpo: GRPOSpec, every: int, records: StepRecords,
+                 validate: Callable[[int, torch.nn.Module], dict[str, Any]], untrained: Callable[[], dict[str, float]],
+                 path: Path, done_step: int, say: Callable[[str], None] | None):
+        self.arm, self.grpo, self.every, self.records = arm, grpo, every, records
+        self.validate, self.untrained, self.path, self.done_step, self.say = validate, untrained, path, done_step, say
+        self.batch = grpo.prompts_per_step * grpo.num_generations
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, model: torch.nn.Module) -> None:
+        if self.done_step == 0:  # the untrained generator: the baseline every curve starts from
+            row = {"step": 0, "examples_seen": 0, "untrained": self.untrained()}
+            row["validation"] = self.validate(0, model)
+            append_jsonl(self.path, row)
+
+    def on_step_end(self, step: int, model: torch.nn.Module) -> None:
+        # with num_iterations > 1, TRL takes that many optimizer steps on each batch of rollouts
+        batches = -(-step // self.grpo.num_iterations)
+        row = {"step": step, "examples_seen": batches * self.batch, **self.records.latest()}
+        if step % self.every == 0 or step == self.grpo.max_steps:
+            row["validation"] = self.validate(step, model)
+        append_jsonl(self.path, row)
+        if self.say is not None:
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / max(step - self.done_step, 1) * (self.grpo.max_steps - step)
+            self.say(progress_line(self.arm, step, self.grpo.max_steps, row, eta))
+
+
+def progress_line(arm: str, step: int, total: int, row: dict[str, Any], eta: float) -> str:
+    readout = row.get("readout") or {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in readout.items())
+    line = f"{arm} step {step}/{total} ({row['examples_seen']} examples): {shown}"
+    if "validation" in row:
+        val = {k: v for k, v in row["validation"].items() if isinstance(v, float)}
+        line += " | validation " + ", ".join(f"{k} {v:.4g}" for k, v in val.items())
+    minutes, seconds = divmod(int(math.ceil(eta)), 60)
+    return line + f" | ETA {minutes}:{seconds:02d}"
