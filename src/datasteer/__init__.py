@@ -1,7 +1,72 @@
-"""datasteer: steer language models through the synthetic data they are trained on."""
+"""datasteer: steer language models through the synthetic data they are trained on.
+
+The Python API (each stage takes a config object, a dict, a recipe or keyword arguments, plus `out=`):
+
+    import datasteer
+
+    gen = datasteer.generate(prompts="prompts.jsonl", teachers=[{"name": "smol", "model": "embedded:smollm2"}],
+                             out="runs/gen")
+    gen.dataset()      # the candidates as a datasets.Dataset
+
+Stages: `generate`, `score`, `select`, `finetune`, `profile`, `inherit`, `run_dpg`, `attribute`; the metagradient
+engine `metagradients`; their configs; `load_rows` for any rows file a run writes. The names load on first use
+(PEP 562), so `import datasteer` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 from datasteer.errors import DatasteerError  # noqa: E402
 
-__all__ = ["DatasteerError", "__version__"]
+# name -> module that defines it; imported on first access.
+_LAZY: dict[str, str] = {
+    "generate": "datasteer.api",
+    "score": "datasteer.api",
+    "select": "datasteer.api",
+    "finetune": "datasteer.api",
+    "profile": "datasteer.api",
+    "inherit": "datasteer.api",
+    "run_dpg": "datasteer.api",  # `datasteer.dpg` is the DPG package, so its stage function has a verb
+    "attribute": "datasteer.api",
+    "metagradients": "datasteer.metagrad.engine",
+    "load_rows": "datasteer.rows",
+    "GenerateConfig": "datasteer.generation.config",
+    "ScoreConfig": "datasteer.metrics.config",
+    "SelectConfig": "datasteer.inheritance.config",
+    "FinetuneConfig": "datasteer.inheritance.config",
+    "ProfileConfig": "datasteer.inheritance.config",
+    "InheritConfig": "datasteer.inheritance.config",
+    "DPGConfig": "datasteer.dpg.config",
+    "TrainingConfig": "datasteer.metagrad.config",
+    "AttributeConfig": "datasteer.metagrad.attribute",
+}
+
+__all__ = ["DatasteerError", "__version__", *_LAZY]
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from datasteer.api import attribute, finetune, generate, inherit, profile, run_dpg, score, select
+    from datasteer.dpg.config import DPGConfig
+    from datasteer.generation.config import GenerateConfig
+    from datasteer.inheritance.config import FinetuneConfig, InheritConfig, ProfileConfig, SelectConfig
+    from datasteer.metagrad.attribute import AttributeConfig
+    from datasteer.metagrad.config import TrainingConfig
+    from datasteer.metagrad.engine import metagradients
+    from datasteer.metrics.config import ScoreConfig
+    from datasteer.rows import load_rows
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'datasteer' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

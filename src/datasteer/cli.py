@@ -28,6 +28,7 @@ app.add_typer(demo_app, name="demo")
 Backend = enum.Enum("Backend", {name: name for name in ("transformers", "openai", "vllm")}, type=str)
 Combine = enum.Enum("Combine", {name: name for name in ("weighted", "lexicographic")}, type=str)
 Method = enum.Enum("Method", {name: name for name in ("full", "lora")}, type=str)
+OutputFormat = enum.Enum("OutputFormat", {name: name for name in ("jsonl", "parquet")}, type=str)
 DemoDPG = enum.Enum("DemoDPG", {name: name for name in ("demo-dpg-67", "demo-dpg-l2", "demo-dpg-uuid")}, type=str)
 
 # Options every stage command shares.
@@ -122,6 +123,8 @@ def generate(
     id_field: Optional[str] = typer.Option(None, help="column with a stable prompt id (default prompt_id or id)"),
     split: Optional[str] = typer.Option(None, help="split, for hf:DATASET prompts (default train)"),
     limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
+    output_format: Optional[OutputFormat] = typer.Option(None, help="candidates file: jsonl (default) or parquet "
+                                                         "(large runs)"),
     seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ) -> None:
     """Generate k candidate answers per prompt from one or several teachers."""
@@ -134,7 +137,7 @@ def generate(
                          system_prompt=system_prompt, base_url=base_url, api_key_env=api_key_env,
                          concurrency=concurrency)
     data = _flags(prompts__path=prompts, prompts__prompt_field=prompt_field, prompts__id_field=id_field,
-                  prompts__split=split, prompts__limit=limit, seed=seed)
+                  prompts__split=split, prompts__limit=limit, seed=seed, output_format=output_format)
     specs = _teachers(model, teacher)
     if config is not None:
         if specs:
@@ -172,6 +175,8 @@ def score(
     id_field: Optional[str] = typer.Option(None, help="column grouping the samples of one prompt, for toxicity "
                                            "EMT/TP (default prompt_id)"),
     chunk_size: Optional[int] = typer.Option(None, help="rows per resumable unit of work (default 256)"),
+    output_format: Optional[OutputFormat] = typer.Option(None, help="scored rows file: jsonl (default) or parquet "
+                                                         "(large runs)"),
     overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ) -> None:
     """Add one column per metric to every row (length, MTLD, readability, toxicity, judge, custom)."""
@@ -179,7 +184,7 @@ def score(
     from datasteer.metrics.config import ScoreConfig
 
     data = _flags(input=input, metrics=metrics, text_field=text_field, prompt_field=prompt_field, id_field=id_field,
-                  chunk_size=chunk_size)
+                  chunk_size=chunk_size, output_format=output_format)
     if config is None and not set_:
         if "input" not in data:
             raise ConfigError("give the file to score (e.g. runs/demo-generate/candidates.jsonl) or --config RECIPE")

@@ -7,7 +7,7 @@ A teacher's `backend` picks its config class (a pydantic discriminated union): e
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, TypeAdapter, field_validator
 
@@ -51,6 +51,8 @@ class GenerateConfig(StrictModel):
     prompts: PromptsConfig
     teachers: list[TeacherConfig] = Field(..., min_length=1, description="one or several teachers")
     seed: int = Field(0, description="run seed; every unit of work is seeded from it and the unit's name")
+    output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="candidates file format: jsonl, or "
+                                                       "parquet for large runs")
 
     @field_validator("teachers")
     @classmethod

@@ -4,6 +4,9 @@ Work is cut into units (one teacher, `batch_size` consecutive prompts, all k sam
 unit is seeded from (run seed, teacher name, unit index) and written as one atomic shard, so
 a run killed at any point and started again produces exactly the rows of an uninterrupted
 run: finished units are skipped, unfinished ones are redone from their own seed.
+
+The merged rows land in `candidates.jsonl` (or `candidates.parquet`, `output_format: parquet`) beside a
+dataset card, `README.md`, that gives their explicit schema to `datasets.load_dataset(RUN_DIR)`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from datasteer.generation.base import Completion, Teacher, TeacherBase
 from datasteer.generation.config import GenerateConfig
 from datasteer.io import Prompt, describe_input, read_prompts
 from datasteer.progress import track
+from datasteer.rows import load_rows, rows_file, write_card, write_rows
 from datasteer.runs import Run, derive_seed, redact_url
 
-CANDIDATES_FILE = "candidates.jsonl"
+CANDIDATES = "candidates"
+CANDIDATES_FILE = rows_file(CANDIDATES, "jsonl")  # candidates.parquet with output_format: parquet
 
 
 def make_teacher(config: TeacherBase) -> Teacher:
@@ -96,12 +101,17 @@ class GenerateResult:
     def load(cls, run: Run) -> GenerateResult:
         """The result of a finished generate run, read back from its manifest (nothing generated now)."""
         s = run.manifest["summary"]
-        return cls(run_dir=run.path, candidates_path=run.path / CANDIDATES_FILE, rows=s["rows"], generated_rows=0,
-                   generated_tokens=0, seconds=0.0, generation_seconds=0.0, per_source=dict(s["per_source"]))
+        return cls(run_dir=run.path, candidates_path=run.path / s.get("output", CANDIDATES_FILE), rows=s["rows"],
+                   generated_rows=0, generated_tokens=0, seconds=0.0, generation_seconds=0.0,
+                   per_source=dict(s["per_source"]))
 
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+    def dataset(self, **load_kwargs: Any) -> Any:
+        """The candidates as a `datasets.Dataset` with their explicit features (`datasteer.rows.load_rows`)."""
+        return load_rows(self.candidates_path, **load_kwargs)
 
 
 def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
@@ -153,9 +163,11 @@ def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False
                 teacher.close()  # free one teacher's memory before the next loads
     seconds = time.perf_counter() - start
 
-    data = b"".join(run.shard_path(u.teacher.name, u.name).read_bytes() for u in units)
-    candidates = run.write_output(CANDIDATES_FILE, data)
-    rows = [json.loads(line) for line in data.splitlines()]
+    rows = [json.loads(line) for u in units
+            for line in run.shard_path(u.teacher.name, u.name).read_bytes().splitlines()]
+    written = write_rows(run, CANDIDATES, rows, format=config.output_format)
+    write_card(run, [written], title="datasteer generate: candidates")
+    candidates = run.path / written.file
     per_source = dict(Counter(r["source"] for r in rows))
     finish = Counter(r["finish_reason"] for r in rows)
     run.finish({
@@ -164,7 +176,7 @@ def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False
         "per_source": per_source,
         "finish_reasons": dict(finish),
         "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
-        "output": CANDIDATES_FILE,
+        "output": written.file,
     })
     return GenerateResult(run_dir=run.path, candidates_path=candidates, rows=len(rows), generated_rows=generated_rows,
                           generated_tokens=generated_tokens, seconds=seconds, generation_seconds=generation_seconds,

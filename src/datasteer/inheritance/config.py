@@ -250,6 +250,8 @@ class InheritConfig(StrictModel):
     selection: SelectionRule
     random_baseline: bool = Field(True, description="also train on a random selection (passive inheritance)")
     student: str = Field("embedded:smollm2", description="the student's model spec")
+    output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="rows files of the generate and score "
+                                                       "stages: jsonl, or parquet for large runs")
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     profile: ProfileSettings = Field(default_factory=ProfileSettings)
 
@@ -266,7 +268,8 @@ class InheritConfig(StrictModel):
         return self
 
     def generate_config(self) -> GenerateConfig:
-        return GenerateConfig(prompts=self.prompts, teachers=self.teachers, seed=self.seed)
+        return GenerateConfig(prompts=self.prompts, teachers=self.teachers, seed=self.seed,
+                              output_format=self.output_format)
 
     def select_config(self, input: str, arm: str, report_columns: list[str]) -> SelectConfig:
         rule = self.selection.model_dump()

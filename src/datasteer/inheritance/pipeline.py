@@ -41,7 +41,8 @@ from datasteer.metrics.base import metric_columns, parse_metrics
 from datasteer.metrics.config import ScoreConfig
 from datasteer.metrics.runner import score
 from datasteer.models import parse_spec
-from datasteer.runs import Run, atomic_write_json
+from datasteer.rows import gather_cards, write_card
+from datasteer.runs import Run
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -111,7 +112,8 @@ def _run_stages(config: InheritConfig, out: Path, run: Run, specs: list[str], ov
     with stage("generate"):
         gen = generate(config.generate_config(), out / "generate", overwrite=overwrite, progress=progress)
     with stage("score"):
-        scored = score(ScoreConfig(input=str(gen.candidates_path), metrics=specs), out / "score",
+        scored = score(ScoreConfig(input=str(gen.candidates_path), metrics=specs, output_format=config.output_format),
+                       out / "score",
                        overwrite=overwrite, progress=progress)
     selected: dict[str, Path] = {}
     for arm in arms:
@@ -135,9 +137,11 @@ def _run_stages(config: InheritConfig, out: Path, run: Run, specs: list[str], ov
     with stage("report"):
         comparison = compare(profiles)
         report = write_inherit_report(config, out, profiles, comparison)
-        atomic_write_json(out / RESULTS_FILE, {"comparison": comparison.to_json(),
-                                               "objectives": config.selection.objectives,
-                                               "seconds_this_call": seconds})
+        run.write_json(RESULTS_FILE, {"comparison": comparison.to_json(), "objectives": config.selection.objectives,
+                                      "seconds_this_call": seconds})
+        parts = ["generate", "score", *(f"select-{arm}" for arm in arms), *(f"profile-{p.label}" for p in profiles)]
+        write_card(run, gather_cards(out, parts), default="select-active", title=f"datasteer inherit: {config.name}",
+                   description=config.description or None)
     run.finish({"report": REPORT_FILE, "results": RESULTS_FILE, "seconds_this_call": seconds})
     return InheritResult(run_dir=out, report=report, comparison=comparison, profiles=profiles,
                          objectives=list(config.selection.objectives), seconds=seconds)

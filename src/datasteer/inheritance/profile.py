@@ -7,6 +7,7 @@ metric), in one run directory:
     generations/      the generate run (resumable shards)
     scores/           the score run (resumable shards)
     profile.jsonl     one row per sample: prompt, completion, and one column per metric
+    README.md         a dataset card: profile.jsonl's explicit schema for `datasets.load_dataset(RUN_DIR)`
     profile.json      model, label, sampling, k, prompts, and per metric: count, missing, mean,
                       std, quantiles (and EMT / Toxicity Probability for toxicity columns)
 
@@ -25,13 +26,15 @@ from datasteer.generation.config import GenerateConfig
 from datasteer.generation.runner import generate
 from datasteer.generation.transformers_backend import TransformersTeacher, TransformersTeacherConfig
 from datasteer.inheritance.config import ProfileConfig
-from datasteer.io import describe_input, read_prompts
+from datasteer.io import describe_input, read_prompts, read_rows
 from datasteer.metrics.base import build_scorers, parse_metrics
 from datasteer.metrics.config import ScoreConfig
 from datasteer.metrics.runner import score
+from datasteer.rows import load_rows, rows_file, write_card, write_rows
 from datasteer.runs import Run
 
-PROFILE_ROWS = "profile.jsonl"
+PROFILE = "profile"
+PROFILE_ROWS = rows_file(PROFILE)
 PROFILE_SUMMARY = "profile.json"
 
 
@@ -48,6 +51,10 @@ class Profile:
     @property
     def metrics(self) -> dict[str, Any]:
         return self.summary["metrics"]
+
+    def dataset(self, **load_kwargs: Any) -> Any:
+        """The profile's rows as a `datasets.Dataset` with their explicit features (`datasteer.rows.load_rows`)."""
+        return load_rows(self.path / PROFILE_ROWS, **load_kwargs)
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -88,9 +95,9 @@ def profile(config: ProfileConfig, out: str | Path, *, overwrite: bool = False, 
                          teachers={tc.name: teacher})
     score_config = ScoreConfig(input=str(generated.candidates_path), metrics=specs)
     scored = score(score_config, run.path / "scores", overwrite=overwrite, progress=progress, scorers=scorers)
-    rows_bytes = scored.scored_path.read_bytes()
-    run.write_output(PROFILE_ROWS, rows_bytes)
-    tokens = [json.loads(line)["completion_tokens"] for line in rows_bytes.splitlines()]
+    rows = read_rows(scored.scored_path)
+    written = write_rows(run, PROFILE, rows, descriptions={s.name: getattr(s, "description", "") for s in scorers})
+    tokens = [row["completion_tokens"] for row in rows]
     summary = {
         "label": config.name,
         "model": config.model,
@@ -104,5 +111,8 @@ def profile(config: ProfileConfig, out: str | Path, *, overwrite: bool = False, 
         "metrics": scored.summary["metrics"],
     }
     run.write_json(PROFILE_SUMMARY, summary)
+    write_card(run, [written], title=f"datasteer profile: {config.name}",
+               description=f"The generation profile of `{config.model}` (label `{config.name}`): one row per sample "
+               "with every metric; statistics in `profile.json`.")
     run.finish({"label": config.name, "samples": scored.rows, "output": PROFILE_SUMMARY})
     return load_profile(run.path)

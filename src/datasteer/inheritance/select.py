@@ -21,6 +21,9 @@ Rules, in the order they apply to the candidates of one prompt:
 Every selected row keeps its columns and gains `selection`: the objective, the winning score,
 the margin over the runner-up (in the same units as the score; None with a single eligible
 candidate) and how many candidates were eligible.
+
+Files: `selected.jsonl`, `dropped.jsonl` (only when a prompt was dropped), `summary.json` and a dataset card,
+`README.md`, with both rows files' explicit schemas.
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ from typing import Any
 from datasteer.errors import InputError
 from datasteer.inheritance.config import Constraint, Objective, SelectConfig, parse_constraint, parse_objective
 from datasteer.io import read_rows
-from datasteer.runs import Run, derive_seed, dump_rows, file_input
+from datasteer.rows import load_rows, rows_file, write_card, write_rows
+from datasteer.runs import Run, derive_seed, file_input
 from datasteer.stats import column_stats
 
-SELECTED_FILE = "selected.jsonl"
-DROPPED_FILE = "dropped.jsonl"
+SELECTED, DROPPED = "selected", "dropped"
+SELECTED_FILE = rows_file(SELECTED)
+DROPPED_FILE = rows_file(DROPPED)  # written only when a prompt was dropped: an empty file is no dataset
 SUMMARY_FILE = "summary.json"
 
 def is_random(config: SelectConfig) -> bool:
@@ -205,6 +210,10 @@ class SelectResult:
         return cls(run_dir=run.path, selected_path=run.path / SELECTED_FILE, selected=summary["selected"],
                    dropped=summary["dropped"], summary=summary)
 
+    def dataset(self, **load_kwargs: Any) -> Any:
+        """The selected rows as a `datasets.Dataset` with their explicit features (`datasteer.rows.load_rows`)."""
+        return load_rows(self.selected_path, **load_kwargs)
+
 
 def selection_summary(rows: list[dict[str, Any]], selection: Selection, config: SelectConfig) -> dict[str, Any]:
     """What the selection did to every numeric column: all candidates vs the selected rows."""
@@ -252,9 +261,13 @@ def select(config: SelectConfig, out: str | Path, *, overwrite: bool = False) ->
     if run.complete:
         return SelectResult.load(run)
     summary = selection_summary(rows, selection, config)
-    path = run.write_output(SELECTED_FILE, dump_rows(selection.selected))
-    run.write_output(DROPPED_FILE, dump_rows(selection.dropped))
+    written = [write_rows(run, SELECTED, selection.selected)]
+    path = run.path / written[0].file
+    if selection.dropped:
+        written.append(write_rows(run, DROPPED, selection.dropped))
     run.write_json(SUMMARY_FILE, summary)
+    write_card(run, written, title="datasteer select: " + ("random selection" if is_random(config) else
+                                                           "selection by " + ", ".join(config.objectives)))
     run.finish({"selected": len(selection.selected), "dropped": len(selection.dropped), "output": SELECTED_FILE,
                 "summary": SUMMARY_FILE})
     return SelectResult(run_dir=run.path, selected_path=path, selected=len(selection.selected),

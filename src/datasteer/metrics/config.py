@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -28,5 +28,7 @@ class ScoreConfig(StrictModel):
     prompt_field: str = Field("prompt", description="column with the prompts (judge and custom metrics)")
     id_field: str = Field("prompt_id", description="column grouping the samples of one prompt (toxicity EMT / TP)")
     chunk_size: int = Field(256, ge=1, description="rows per resumable unit of work")
+    output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="scored rows file format: jsonl, or "
+                                                       "parquet for large runs")
 
     _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: split_metric_specs(v)))

@@ -3,8 +3,9 @@
 Work is cut into units of (metric, `chunk_size` consecutive rows); each unit's values are one
 atomic shard, so a crash loses at most the unit in progress, and a slow metric (a judge, a
 remote API) that fails half-way keeps every metric and chunk that finished. The merged
-`scored.jsonl` holds the input rows, in order, with the new columns; missing values (NaN from a
-scorer) are JSON null and are counted in the summary, never dropped.
+`scored.jsonl` (or `scored.parquet`, `output_format: parquet`) holds the input rows, in order, with the new
+columns; missing values (NaN from a scorer) are JSON null and are counted in the summary, never dropped. A
+dataset card, `README.md`, gives the rows' explicit schema (and each metric's description) to `datasets`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from datasteer.io import read_rows
 from datasteer.metrics.base import Scorer, build_scorers, parse_metrics
 from datasteer.metrics.config import ScoreConfig
 from datasteer.progress import track
-from datasteer.runs import Run, dump_rows, file_input
+from datasteer.rows import load_rows, rows_file, write_card, write_rows
+from datasteer.runs import Run, file_input
 from datasteer.stats import column_stats
 
-SCORED_FILE = "scored.jsonl"
+SCORED = "scored"
+SCORED_FILE = rows_file(SCORED, "jsonl")  # scored.parquet with output_format: parquet
 SUMMARY_FILE = "summary.json"
 
 
@@ -46,11 +49,14 @@ class ScoreResult:
         """The result of a finished score run, read back from its directory."""
         summary = json.loads((run.path / SUMMARY_FILE).read_text(encoding="utf-8"))
         columns = list(summary["metrics"])
-        return cls(run_dir=run.path, scored_path=run.path / SCORED_FILE, rows=summary["rows"], columns=columns,
+        output = run.manifest.get("summary", {}).get("output", SCORED_FILE)
+        return cls(run_dir=run.path, scored_path=run.path / output, rows=summary["rows"], columns=columns,
                    summary=summary, scored_units=0, seconds=0.0,
                    missing={c: summary["metrics"][c]["missing"] for c in columns})
 
-
+    def dataset(self, **load_kwargs: Any) -> Any:
+        """The scored rows as a `datasets.Dataset` with their explicit features (`datasteer.rows.load_rows`)."""
+        return load_rows(self.scored_path, **load_kwargs)
 
 
 def _check_rows(rows: list[dict[str, Any]], config: ScoreConfig, scorers: list[Scorer]) -> None:
@@ -121,10 +127,13 @@ def score(config: ScoreConfig, out: str | Path, *, overwrite: bool = False, prog
     for scorer in scorers:
         merged[scorer.name] = [r["v"] for i in range(len(chunks)) for r in run.read_shard(scorer.name, f"{i:06d}")]
     scored = [{**row, **{c: merged[c][i] for c in columns}} for i, row in enumerate(rows)]
-    path = run.write_output(SCORED_FILE, dump_rows(scored))
+    written = write_rows(run, SCORED, scored, format=config.output_format,
+                         descriptions={s.name: getattr(s, "description", "") for s in scorers})
+    path = run.path / written.file
     summary = _summary(config, rows, scorers, merged)
     run.write_json(SUMMARY_FILE, summary)
-    run.finish({"rows": len(rows), "columns": columns, "output": SCORED_FILE, "summary": SUMMARY_FILE})
+    write_card(run, [written], title="datasteer score: scored rows")
+    run.finish({"rows": len(rows), "columns": columns, "output": written.file, "summary": SUMMARY_FILE})
     return ScoreResult(run_dir=run.path, scored_path=path, rows=len(rows), columns=columns, summary=summary,
                        scored_units=len(pending), seconds=seconds,
                        missing={c: summary["metrics"][c]["missing"] for c in columns})
