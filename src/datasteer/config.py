@@ -111,14 +111,25 @@ def build(model: type[M], data: dict[str, Any], source: str = "config") -> M:
         raise ConfigError(f"invalid {source}: {describe_validation_error(err, model)}") from None
 
 
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid on `base`: sections (dicts) merge key by key, anything else (lists included) is replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def coerce(model: type[M], config: M | dict[str, Any] | None, fields: dict[str, Any]) -> M:
     """The Python API's config argument: a config object, a dict or keyword arguments (or a mix: keyword
-    arguments override the config's fields)."""
+    arguments are laid over the config, sections merged key by key: `grpo={"max_steps": 5}` keeps the rest of
+    the recipe's `grpo`)."""
     if isinstance(config, model) and not fields:
         return config
-    data = config.model_dump() if isinstance(config, BaseModel) else dict(config or {})
-    data.update(fields)
-    return build(model, data, f"{model.__name__} arguments")
+    data = config.model_dump(exclude_unset=True) if isinstance(config, BaseModel) else dict(config or {})
+    return build(model, deep_merge(data, fields), f"{model.__name__} arguments")
 
 
 def split_list(value: Any) -> Any:

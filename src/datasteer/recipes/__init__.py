@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from datasteer.config import M, build, child_annotation, unwrap
+from datasteer.config import M, build, child_annotation, deep_merge, unwrap
 from datasteer.errors import ConfigError, InputError
 
 RECIPES_DIR = Path(__file__).resolve().parent
@@ -159,12 +159,7 @@ def apply_override(model: type[BaseModel], data: dict[str, Any], assignment: str
 def recipe_config(model: type[M], recipe: str | Path | None, overrides: list[str] = (),  # type: ignore[assignment]
                   base: dict[str, Any] | None = None) -> M:
     """The config of `model` from a recipe (or none), `base` values (flags) over it, then `--set` overrides."""
-    data = load_recipe(recipe) if recipe is not None else {}
-    for key, value in (base or {}).items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
+    data = deep_merge(load_recipe(recipe) if recipe is not None else {}, base or {})
     for assignment in overrides:
         apply_override(model, data, assignment)
     return build(model, data, f"recipe {recipe}" if recipe is not None else "flags")
