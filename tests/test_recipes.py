@@ -131,3 +131,18 @@ def test_every_command_takes_a_recipe_and_set(tmp_path):
     proc = _cli("select", "--config", str(select), "--set", "seed=3", "--out", str(tmp_path / "sel"))
     assert proc.returncode == 0, proc.stderr
     assert "selected 1 of 1 prompts" in proc.stdout
+
+
+def test_api_keywords_merge_into_recipe_sections():
+    from datasteer.config import coerce
+    from datasteer.dpg.config import DPGConfig
+    from datasteer.recipes import load_recipe
+
+    recipe = load_recipe("demo-dpg-67")
+    cfg = coerce(DPGConfig, recipe, {"grpo": {"max_steps": 5}, "seed": 3})
+    assert cfg.grpo.max_steps == 5 and cfg.seed == 3
+    assert cfg.grpo.learning_rate == recipe["grpo"]["learning_rate"] == 3e-3  # the rest of the section is kept
+    assert cfg.grpo.prompts_per_step == 32 and cfg.training.optimizer == "sgd"
+    # a config object with keyword arguments keeps what was not set (here: the default baselines)
+    again = coerce(DPGConfig, cfg, {"validation": {"every": 2}})
+    assert again.validation.every == 2 and again.validation.limit == 32 and again.baselines == cfg.baselines
