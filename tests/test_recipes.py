@@ -146,3 +146,88 @@ def test_api_keywords_merge_into_recipe_sections():
     # a config object with keyword arguments keeps what was not set (here: the default baselines)
     again = coerce(DPGConfig, cfg, {"validation": {"every": 2}})
     assert again.validation.every == 2 and again.validation.limit == 32 and again.baselines == cfg.baselines
+
+
+def test_profile_sampling_flags_keep_the_profile_defaults():
+    from datasteer.inheritance.config import ProfileConfig
+
+    greedy = ProfileConfig(model="m", sampling={"max_new_tokens": 3})
+    assert greedy.sampling.temperature == 0.0 and greedy.sampling.max_new_tokens == 3 and greedy.k == 1
+    tox = ProfileConfig(model="m", toxicity=True, sampling={"max_new_tokens": 64})
+    assert (tox.sampling.temperature, tox.sampling.top_p, tox.k) == (1.0, 0.9, 25)
+    limited = ProfileConfig(model="m", prompts={"limit": 2})  # --limit without --prompts: the default set
+    assert limited.prompts.path == "builtin:instructions-heldout" and limited.prompts.limit == 2
+    with pytest.raises(ConfigError, match=r"profile: k=3 samples with greedy decoding"):
+        recipe_config(InheritConfig, "demo-inherit", ["profile.k=3"])
+
+
+def test_finetune_pass_through_is_checked_before_any_work():
+    from datasteer.inheritance.config import FinetuneSettings
+    from datasteer.inheritance.finetune import SFT_OWNED, check_finetune
+
+    check_finetune(FinetuneSettings(trl={"gradient_checkpointing": True}))
+    with pytest.raises(ConfigError, match="no_such_arg not argument"):
+        check_finetune(FinetuneSettings(trl={"no_such_arg": 1}))
+    for key in SFT_OWNED:
+        with pytest.raises(ConfigError, match=f"finetune.trl.{key} is set by datasteer"):
+            check_finetune(FinetuneSettings(trl={key: 1}), "finetune.")
+    with pytest.raises(ConfigError, match="finetune.lora: .*bogus"):
+        check_finetune(FinetuneSettings(method="lora", lora={"bogus": 1}), "finetune.")
+
+
+def test_set_list_of_text_items_and_prompts_shorthand():
+    from datasteer.dpg.config import DPGConfig
+
+    cfg = recipe_config(DPGConfig, "demo-dpg-67", ["generator.allowed_tokens=[6, 7, a, no]"])
+    assert cfg.generator.allowed_tokens == ["6", "7", "a", "no"]
+    data = {"prompts": "p.jsonl", "teachers": [{"name": "a", "model": "m"}]}
+    apply_override(GenerateConfig, data, "prompts.limit=1")
+    assert build(GenerateConfig, data).prompts.limit == 1 and data["prompts"]["path"] == "p.jsonl"
+    with pytest.raises(ConfigError, match=r"generator\.allowed_tokens: Input should be"):  # no union label
+        recipe_config(DPGConfig, "demo-dpg-67", ["generator.allowed_tokens=5"])
+
+
+def test_wrong_command_and_renamed_keys_say_what_to_do():
+    from datasteer.dpg.config import DPGConfig
+
+    with pytest.raises(ConfigError, match="recipe for `datasteer dpg`, not `datasteer inherit`"):
+        recipe_config(InheritConfig, "demo-dpg-67", [])
+    with pytest.raises(ConfigError, match=r"finetune\.epochs: .*renamed: use num_train_epochs"):
+        recipe_config(InheritConfig, "demo-inherit", ["finetune.epochs=1"])
+    with pytest.raises(ConfigError, match=r"grpo\.steps: .*renamed: use max_steps"):
+        recipe_config(DPGConfig, "demo-dpg-67", ["grpo.steps=1"])
+    with pytest.raises(ConfigError, match=r"inner: .*renamed: use training"):
+        recipe_config(DPGConfig, "demo-dpg-67", ["inner.learning_rate=1"])
+
+
+def test_cli_backend_choices_are_the_registry():
+    from datasteer.cli import Backend
+    from datasteer.generation.config import BACKENDS
+
+    assert [b.value for b in Backend] == list(BACKENDS)
+
+
+def test_stages_refuse_other_ranks_and_a_deleted_output_is_rebuilt(tmp_path, monkeypatch):
+    from datasteer.metrics.config import ScoreConfig
+    from datasteer.metrics.runner import score
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt_id": "1", "completion": "a b c"}\n{"prompt_id": "2", "completion": "d e"}\n')
+    config = ScoreConfig(input=str(rows), metrics=["length_words"])
+    first = score(config, tmp_path / "s", progress=False)
+    expected = first.scored_path.read_bytes()
+    first.scored_path.unlink()  # a finished run whose output is gone is not "complete"
+    again = score(config, tmp_path / "s", progress=False)
+    assert again.scored_path.read_bytes() == expected and again.scored_units == 0  # merged again from its shards
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match="`score` runs in one process"):
+        score(config, tmp_path / "s2", progress=False)
+    assert not (tmp_path / "s2").exists()
+
+
+def test_generate_recipe_with_malformed_teachers_is_one_line(tmp_path):
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text("prompts: p.jsonl\nteachers: [tiny:llama]\n")
+    proc = _cli("generate", "--config", str(recipe), "--k", "2", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and proc.stderr.startswith("datasteer: error: ") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "teachers.0" in proc.stderr

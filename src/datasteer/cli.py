@@ -130,6 +130,7 @@ def generate(
     """Generate k candidate answers per prompt from one or several teachers."""
     from datasteer.generation import generate as run_generate
     from datasteer.generation.config import GenerateConfig
+    from datasteer.config import deep_merge
     from datasteer.recipes import load_recipe
 
     per_teacher = _flags(backend=backend, k=k, sampling__temperature=temperature, sampling__top_p=top_p,
@@ -145,11 +146,11 @@ def generate(
         recipe = load_recipe(config)
         if isinstance(recipe.get("prompts"), str) and "prompts" in data:
             data["prompts"] = {"path": recipe["prompts"], **data["prompts"]}
-        data["teachers"] = [{**t, **per_teacher, "sampling": {**t.get("sampling", {}),
-                                                              **per_teacher.get("sampling", {})}}
-                            for t in recipe.get("teachers", [])]
+        teachers = recipe.get("teachers")
+        if per_teacher and isinstance(teachers, list):  # teacher flags apply to every teacher of the recipe
+            data["teachers"] = [deep_merge(t, per_teacher) if isinstance(t, dict) else t for t in teachers]
     else:
-        if not prompts:
+        if not prompts and not set_:
             raise ConfigError("give a prompts file (or hf:DATASET) or --config RECIPE")
         data["teachers"] = [{"name": name, "model": spec, **per_teacher}
                             for name, spec in specs or [("smollm2", "embedded:smollm2")]]

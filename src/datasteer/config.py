@@ -79,11 +79,12 @@ def _tagged_member(annotation: Any, tag: str) -> Any:
     return None
 
 
-def _field_path(model: Any, loc: tuple[Any, ...]) -> str:
-    """pydantic's error location as the user's dotted key: the tags of discriminated unions (a teacher's
-    backend, a target's kind) are dropped, since they are not keys the user wrote."""
-    parts, annotation = [], model
+def _field_path(model: Any, loc: tuple[Any, ...]) -> tuple[str, Any]:
+    """pydantic's error location as the user's dotted key (the tags of discriminated unions, a teacher's backend
+    or a target's kind, are dropped: they are not keys the user wrote), and the annotation holding its last key."""
+    parts, annotation, parent = [], model, None
     for item in loc:
+        parent = annotation
         part = str(item)
         below = child_annotation(annotation, part) if annotation is not None else None
         if below is None and annotation is not None:
@@ -91,16 +92,25 @@ def _field_path(model: Any, loc: tuple[Any, ...]) -> str:
             if member is not None:  # a discriminated union's tag: go on inside that member
                 annotation = member
                 continue
+            if len(unwrap(annotation)) > 1 and not part.isdigit():
+                continue  # pydantic's label of a plain union's member (e.g. "literal['all','printable']")
         parts.append(part)
         annotation = below
-    return ".".join(parts)
+    return ".".join(parts), parent
 
 
 def describe_validation_error(err: ValidationError, model: Any = None) -> str:
     first = err.errors()[0]
-    where = (_field_path(model, first["loc"]) if model is not None else ".".join(map(str, first["loc"]))) or "config"
+    where, parent = _field_path(model, first["loc"]) if model is not None else (".".join(map(str, first["loc"])), None)
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
+    message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+    if first["type"] == "extra_forbidden" and first["loc"]:
+        for alt in unwrap(parent):
+            new = getattr(alt, "renamed", {}).get(str(first["loc"][-1])) if isinstance(alt, type) else None
+            if new:
+                message += f" (renamed: use {new})"
+                break
+    return f"{where or 'config'}: {message}{more}"
 
 
 def build(model: type[M], data: dict[str, Any], source: str = "config") -> M:

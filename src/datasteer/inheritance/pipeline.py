@@ -32,7 +32,7 @@ from datasteer.errors import ConfigError, InputError
 from datasteer.generation.runner import generate
 from datasteer.inheritance.compare import Comparison, compare
 from datasteer.inheritance.config import InheritConfig, parse_constraint, parse_objective
-from datasteer.inheritance.finetune import finetune
+from datasteer.inheritance.finetune import check_finetune, finetune
 from datasteer.inheritance.profile import Profile, profile
 from datasteer.inheritance.report import headline_lines, objective_columns, write_inherit_report
 from datasteer.inheritance.select import did_you_mean, select
@@ -78,6 +78,7 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
     _check_selection_columns(config, metric_columns(specs))
     for spec in [t.model for t in config.teachers if t.backend != "openai"] + [config.student]:
         parse_spec(spec)  # unknown embedded/tiny names and missing local directories fail here
+    check_finetune(config.finetune, "finetune.")  # the trl: pass-through and LoRA arguments, before any stage
     run = Run.prepare(out, stage="inherit", config=config,
                       inputs={"prompts": describe_input(config.prompts, prompts),
                               "eval_prompts": describe_input(config.eval_prompts, eval_prompts)},

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +32,7 @@ from datasteer.runs import atomic_write_bytes, atomic_write_json, dump_rows
 
 class AttributeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    renamed: ClassVar[dict[str, str]] = {"eval": "eval_texts"}  # datasteer 0.1 name, for the error hint
 
     input: str
     model: str = "embedded:smollm2"
@@ -72,8 +73,8 @@ def rows_to_examples(rows: list[dict[str, Any]], tokenizer: Any, config: Attribu
         prompt, completion = row.get(config.prompt_field), row.get(config.completion_field)
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise InputError(f"{source}: row {i} has neither a '{config.text_field}' text nor '{config.prompt_field}' "
-                             f"and '{config.completion_field}' texts; name the columns with --text-field / "
-                             f"--prompt-field / --completion-field")
+                             f"and '{config.completion_field}' texts; name the columns with --set text_field=... "
+                             "(or prompt_field / completion_field)")
         if not completion.strip():
             raise InputError(f"{source}: row {i} has an empty '{config.completion_field}'; drop it first")
         example, _ = tokenize_row(prompt, completion, row.get("finish_reason") != "length", tokenizer,

@@ -23,6 +23,8 @@ from datasteer.config import M, build, child_annotation, deep_merge, unwrap
 from datasteer.errors import ConfigError, InputError
 
 RECIPES_DIR = Path(__file__).resolve().parent
+# which command a recipe of each config model is for (recipes of the other stages have no sections to tell)
+COMMANDS = {"GenerateConfig": "generate", "InheritConfig": "inherit", "DPGConfig": "dpg"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -58,7 +60,7 @@ def recipe_path(name: str) -> Path:
 def describe(path: Path) -> tuple[str, str]:
     """(command, one-line description) of a recipe: `datasteer dpg` or `inherit` etc., and its summary."""
     data = load_recipe(path)
-    kind = data.get("command") or ("dpg" if "generator" in data else "inherit" if "student" in data else "generate")
+    kind = command_of(data) or "generate"
     comment = next((line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
                     if line.startswith("#")), "")
     text = " ".join(str(data.get("description") or comment).split())
@@ -66,6 +68,15 @@ def describe(path: Path) -> tuple[str, str]:
     if len(first) > 110:
         first = first[:107].rsplit(" ", 1)[0] + "..."
     return str(kind), first
+
+
+def command_of(data: dict[str, Any]) -> str | None:
+    """The command a recipe is for, from its sections (None: a stage recipe, e.g. for score or select)."""
+    if "generator" in data:
+        return "dpg"
+    if "student" in data or "selection" in data:
+        return "inherit"
+    return "generate" if "teachers" in data else None
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -111,11 +122,19 @@ def _accepts(annotation: Any) -> set[str]:
     return kinds
 
 
+def _text_items(annotation: Any) -> bool:
+    """Whether the field is a list of text (its items must stay text: `[6, 7, no]` is three strings)."""
+    return any(typing.get_origin(alt) in (list, tuple) and typing.get_args(alt)[:1] == (str,)
+               for alt in unwrap(annotation))
+
+
 def parse_value(raw: str, annotation: Any) -> Any:
     """`raw` as the field's type expects it: text stays text; anything else is read as YAML."""
     kinds = _accepts(annotation) if annotation is not None else {"other"}
     try:
         parsed = _yaml(raw)
+        if isinstance(parsed, list) and annotation is not None and _text_items(annotation):
+            parsed = yaml.load(raw, Loader=yaml.BaseLoader)  # every scalar item as the text it was typed
     except yaml.YAMLError:
         parsed = raw
     if "text" not in kinds:
@@ -125,6 +144,11 @@ def parse_value(raw: str, annotation: Any) -> Any:
     if isinstance(parsed, list) and "list" in kinds or isinstance(parsed, dict) and "mapping" in kinds:
         return parsed
     return raw
+
+
+def _model_fields(annotation: Any) -> set[str]:
+    return {name for alt in unwrap(annotation) if isinstance(alt, type) and issubclass(alt, BaseModel)
+            for name in alt.model_fields}
 
 
 def apply_override(model: type[BaseModel], data: dict[str, Any], assignment: str) -> None:
@@ -153,6 +177,8 @@ def apply_override(model: type[BaseModel], data: dict[str, Any], assignment: str
         else:
             if node.get(part) is None:
                 node[part] = {}
+            elif isinstance(node[part], str) and "path" in _model_fields(annotation):
+                node[part] = {"path": node[part]}  # the `prompts: file.jsonl` shorthand, opened up
             node = node[part]
 
 
@@ -162,4 +188,11 @@ def recipe_config(model: type[M], recipe: str | Path | None, overrides: list[str
     data = deep_merge(load_recipe(recipe) if recipe is not None else {}, base or {})
     for assignment in overrides:
         apply_override(model, data, assignment)
-    return build(model, data, f"recipe {recipe}" if recipe is not None else "flags")
+    try:
+        return build(model, data, f"recipe {recipe}" if recipe is not None else "flags")
+    except ConfigError:
+        kind, expected = command_of(data), COMMANDS.get(model.__name__)
+        if recipe is not None and kind is not None and expected is not None and kind != expected:
+            raise ConfigError(f"{recipe} is a recipe for `datasteer {kind}`, not `datasteer {expected}`; run "
+                              f"datasteer {kind} {recipe}") from None
+        raise
