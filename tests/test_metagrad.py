@@ -286,7 +286,8 @@ def test_model_left_untouched_and_mode_restored():
     model = tiny_gpt2()
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    metagradients(model, make_examples(), heldout_metric, TrainingConfig(dtype="float64", batch_size=3, learning_rate=0.1))
+    metagradients(model, make_examples(), heldout_metric,
+                  TrainingConfig(dtype="float64", batch_size=3, learning_rate=0.1))
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -379,8 +380,8 @@ def test_attribute_cli_errors(tmp_path, capsys):
     out = tmp_path / "scored.jsonl"
     cases = [
         (["attribute", str(data), "--model", "tiny:gpt2", "--out", str(out)], "--eval"),
-        (["attribute", str(data), "--eval-texts", str(tmp_path / "held.txt"), "--model", "tiny:gpt2", "--out", str(out)],
-         "neither a 'text'"),
+        (["attribute", str(data), "--eval-texts", str(tmp_path / "held.txt"), "--model", "tiny:gpt2",
+          "--out", str(out)], "neither a 'text'"),
         (["attribute", str(tmp_path / "missing.jsonl"), "--eval-texts", "x.txt", "--out", str(out)], "not found"),
         (["attribute", str(data), "--eval-texts", str(tmp_path / "held.txt"), "--out", str(out),
           "--set", "training.optimizer=rmsprop"], "optimizer"),

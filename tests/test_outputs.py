@@ -21,7 +21,7 @@ from datasteer.io import read_rows
 from datasteer.metrics.config import ScoreConfig
 from datasteer.metrics.runner import score
 from datasteer.runs import Run, dump_rows
-from tests.conftest import TINY, write_prompts
+from tests.conftest import TINY
 from tests.test_inheritance import tiny_recipe
 
 datasets = pytest.importorskip("datasets")

@@ -48,15 +48,15 @@ _LAZY: dict[str, str] = {
 __all__ = ["DatasteerError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from datasteer.api import attribute, finetune, generate, inherit, profile, run_dpg, score, select
-    from datasteer.dpg.config import DPGConfig
-    from datasteer.generation.config import GenerateConfig
-    from datasteer.inheritance.config import FinetuneConfig, InheritConfig, ProfileConfig, SelectConfig
-    from datasteer.metagrad.attribute import AttributeConfig
-    from datasteer.metagrad.config import TrainingConfig
-    from datasteer.metagrad.engine import metagradients
-    from datasteer.metrics.config import ScoreConfig
-    from datasteer.rows import load_rows
+    from datasteer.api import attribute, finetune, generate, inherit, profile, run_dpg, score, select  # noqa: F401
+    from datasteer.dpg.config import DPGConfig  # noqa: F401
+    from datasteer.generation.config import GenerateConfig  # noqa: F401
+    from datasteer.inheritance.config import FinetuneConfig, InheritConfig, ProfileConfig, SelectConfig  # noqa: F401
+    from datasteer.metagrad.attribute import AttributeConfig  # noqa: F401
+    from datasteer.metagrad.config import TrainingConfig  # noqa: F401
+    from datasteer.metagrad.engine import metagradients  # noqa: F401
+    from datasteer.metrics.config import ScoreConfig  # noqa: F401
+    from datasteer.rows import load_rows  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

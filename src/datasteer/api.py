@@ -34,19 +34,15 @@ from datasteer.rows import load_rows
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from datasteer.dpg.config import DPGConfig
     from datasteer.dpg.trainer import DPGResult
     from datasteer.generation.base import Teacher
-    from datasteer.generation.config import GenerateConfig
     from datasteer.generation.runner import GenerateResult
-    from datasteer.inheritance.config import FinetuneConfig, InheritConfig, ProfileConfig, SelectConfig
     from datasteer.inheritance.finetune import FinetuneResult
     from datasteer.inheritance.pipeline import InheritResult
     from datasteer.inheritance.profile import Profile
     from datasteer.inheritance.select import SelectResult
-    from datasteer.metagrad.attribute import AttributeConfig, AttributeResult
+    from datasteer.metagrad.attribute import AttributeResult
     from datasteer.metrics.base import Scorer
-    from datasteer.metrics.config import ScoreConfig
     from datasteer.metrics.runner import ScoreResult
 
 M = TypeVar("M", bound=BaseModel)

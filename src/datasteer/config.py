@@ -74,7 +74,8 @@ def _tagged_member(annotation: Any, tag: str) -> Any:
     for alt in unwrap(annotation):
         if isinstance(alt, type) and issubclass(alt, BaseModel):
             for field in alt.model_fields.values():
-                if typing.get_origin(field.annotation) is typing.Literal and typing.get_args(field.annotation) == (tag,):
+                kind = field.annotation
+                if typing.get_origin(kind) is typing.Literal and typing.get_args(kind) == (tag,):
                     return alt
     return None
 
@@ -101,7 +102,8 @@ def _field_path(model: Any, loc: tuple[Any, ...]) -> tuple[str, Any]:
 
 def describe_validation_error(err: ValidationError, model: Any = None) -> str:
     first = err.errors()[0]
-    where, parent = _field_path(model, first["loc"]) if model is not None else (".".join(map(str, first["loc"])), None)
+    loc = first["loc"]
+    where, parent = _field_path(model, loc) if model is not None else (".".join(map(str, loc)), None)
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
     if first["type"] == "extra_forbidden" and first["loc"]:

@@ -52,6 +52,13 @@ class FinetuneResult:
     resumed_from: str | None
     log: list[dict[str, Any]]
 
+    @classmethod
+    def load(cls, run: Run) -> FinetuneResult:
+        """The result of a finished fine-tuning run, read back from its directory."""
+        info = json.loads((run.path / TRAINING_FILE).read_text(encoding="utf-8"))
+        return cls(run_dir=run.path, model_dir=run.path / MODEL_DIR, examples=info["examples"], steps=info["steps"],
+                   final_loss=info["final_loss"], seconds=0.0, resumed_from="complete", log=info["log"])
+
 
 def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, config: FinetuneConfig) -> tuple[list[dict], dict]:
     """(examples with input_ids/labels, counts): prompt tokens masked, EOS only on finished completions."""
@@ -126,35 +133,12 @@ def check_finetune(config: FinetuneSettings, section: str = "") -> None:
             raise ConfigError(f"{section}{err}") from None
 
 
-def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
-             loaded: Any = None) -> FinetuneResult:
-    """Fine-tune `config.model` on `config.input` into the run directory `out` (resumable)."""
-    rows = read_rows(config.input)
-    if not rows:
-        raise InputError(f"{config.input} has no rows to fine-tune on")
-    check_finetune(config)
-    run = Run.prepare(out, stage="finetune", config=config, inputs={"rows": file_input(config.input, len(rows))},
-                      seed=config.seed, overwrite=overwrite, distributed=True)
-    model_dir = run.path / MODEL_DIR
-    if run.complete:
-        info = json.loads((run.path / TRAINING_FILE).read_text(encoding="utf-8"))
-        return FinetuneResult(run_dir=run.path, model_dir=model_dir, examples=info["examples"], steps=info["steps"],
-                              final_loss=info["final_loss"], seconds=0.0, resumed_from="complete", log=info["log"])
+def sft_arguments(config: FinetuneConfig, checkpoints: Path, examples: int, on_cpu: bool) -> Any:
+    """trl.SFTConfig: datasteer's fields under TRL's names (exactly SFT_OWNED), then the `trl:` pass-through."""
+    from trl import SFTConfig
 
-    if loaded is None:
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    examples, counts = tokenize_rows(rows, tokenizer, config)
-
-    import torch
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    run.ensure_created()
-    checkpoints = run.path / CHECKPOINTS_DIR
-    steps_per_epoch = math.ceil(len(examples) / (config.per_device_train_batch_size
-                                                  * config.gradient_accumulation_steps))
-    owned = dict(  # exactly the SFT_OWNED arguments
+    steps_per_epoch = math.ceil(examples / (config.per_device_train_batch_size * config.gradient_accumulation_steps))
+    owned = dict(
         output_dir=str(checkpoints),
         num_train_epochs=config.num_train_epochs,
         learning_rate=config.learning_rate,
@@ -171,38 +155,40 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
         save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
-        use_cpu=str(model.device) == "cpu",
+        use_cpu=on_cpu,
         bf16=config.dtype == "bfloat16",
         max_length=None,  # tokenize_rows already cut to config.max_length
     )
     # small models: recomputation costs more than it saves; trl: may turn it on
     defaults = {"activation_checkpointing": False, "dataloader_num_workers": 0}
-    args = trl_arguments(SFTConfig, owned, {**defaults, **config.trl}, "trl")
-    peft_config = None
-    if config.method == "lora":
-        targets: Any = config.lora.target_modules
-        layers = None
-        if config.train_layers is not None:
-            _, stack = _layer_stack(model)
-            layers = list(range(len(stack) - config.train_layers, len(stack)))
-            if isinstance(targets, str):  # peft needs explicit module names to restrict layers
-                targets = sorted({n.split(".")[-1] for n, m in model.named_modules()
-                                  if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head"})
-        peft_config = config.lora.peft_config(target_modules=targets, layers_to_transform=layers)
-    elif config.train_layers is not None:
-        restrict_to_last_layers(model, config.train_layers)
-    model.train()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                         processing_class=tokenizer, peft_config=peft_config)
-    quiet_trainer(trainer)
-    resume = latest_checkpoint(checkpoints)
-    start = time.perf_counter()
-    with track("finetune", 1, enabled=progress, unit="steps", tokens=False) as tracker:
-        trainer.add_callback(progress_callback(tracker, "finetune"))
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - start
+    return trl_arguments(SFTConfig, owned, {**defaults, **config.trl}, "trl")
 
-    trained = trainer.model
+
+def trainable_part(config: FinetuneSettings, model: Any) -> Any:
+    """What trains: LoRA adapters (the peft config; on the last `train_layers` blocks only, if set), or the whole
+    model or its last `train_layers` blocks (frozen here; returns None)."""
+    import torch
+
+    if config.method != "lora":
+        if config.train_layers is not None:
+            restrict_to_last_layers(model, config.train_layers)
+        return None
+    targets: Any = config.lora.target_modules
+    layers = None
+    if config.train_layers is not None:
+        _, stack = _layer_stack(model)
+        layers = list(range(len(stack) - config.train_layers, len(stack)))
+        if isinstance(targets, str):  # peft needs explicit module names to restrict layers
+            targets = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head"})
+    return config.lora.peft_config(target_modules=targets, layers_to_transform=layers)
+
+
+def save_model(trained: Any, tokenizer: Any, config: FinetuneSettings, model_dir: Path) -> None:
+    """The final model, LoRA merged into the weights, in the training dtype, with its tokenizer and generation
+    config: a directory any command loads by path, published atomically."""
+    import torch
+
     if config.method == "lora":
         trained = trained.merge_and_unload()
     trained.eval()
@@ -213,18 +199,57 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
         tokenizer.save_pretrained(tmp)
         trained.generation_config.save_pretrained(tmp)
 
+    _publish(model_dir, save)
+
+
+def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+             loaded: Any = None) -> FinetuneResult:
+    """Fine-tune `config.model` on `config.input` into the run directory `out` (resumable; under torchrun or
+    accelerate every process trains and the main one writes)."""
+    rows = read_rows(config.input)
+    if not rows:
+        raise InputError(f"{config.input} has no rows to fine-tune on")
+    check_finetune(config)
+    run = Run.prepare(out, stage="finetune", config=config, inputs={"rows": file_input(config.input, len(rows))},
+                      seed=config.seed, overwrite=overwrite, distributed=True)
+    if run.complete:
+        return FinetuneResult.load(run)
+    # set up
+    if loaded is None:
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    examples, counts = tokenize_rows(rows, tokenizer, config)
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    run.ensure_created()
+    checkpoints = run.path / CHECKPOINTS_DIR
+    args = sft_arguments(config, checkpoints, len(examples), on_cpu=str(model.device) == "cpu")
+    peft_config = trainable_part(config, model)
+    model.train()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                         processing_class=tokenizer, peft_config=peft_config)
+    quiet_trainer(trainer)
+    # train
+    resume = latest_checkpoint(checkpoints)
+    start = time.perf_counter()
+    with track("finetune", 1, enabled=progress, unit="steps", tokens=False) as tracker:
+        trainer.add_callback(progress_callback(tracker, "finetune"))
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - start
+    # finish
     log = [dict(entry) for entry in trainer.state.log_history if "loss" in entry]
     final_loss = log[-1]["loss"] if log else None
-    info = {"examples": len(examples), "steps": trainer.state.global_step, "epochs": config.num_train_epochs,
-            "final_loss": final_loss, "seconds": seconds, "resumed_from": resume.name if resume else None,
-            **counts, "log": log}
-    run.write_json(TRAINING_FILE, info)
+    steps = trainer.state.global_step
+    run.write_json(TRAINING_FILE, {"examples": len(examples), "steps": steps, "epochs": config.num_train_epochs,
+                                   "final_loss": final_loss, "seconds": seconds,
+                                   "resumed_from": resume.name if resume else None, **counts, "log": log})
     if run.writes:  # under torchrun/accelerate only the main process saves
-        _publish(model_dir, save)
-    if not config.keep_checkpoints and run.writes:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    run.finish({"examples": len(examples), "steps": trainer.state.global_step, "final_loss": final_loss,
-                "model": MODEL_DIR, "training": TRAINING_FILE, **counts})
-    return FinetuneResult(run_dir=run.path, model_dir=model_dir, examples=len(examples),
-                          steps=trainer.state.global_step, final_loss=final_loss, seconds=seconds,
-                          resumed_from=resume.name if resume else None, log=log)
+        save_model(trainer.model, tokenizer, config, run.path / MODEL_DIR)
+        if not config.keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    run.finish({"examples": len(examples), "steps": steps, "final_loss": final_loss, "model": MODEL_DIR,
+                "training": TRAINING_FILE, **counts})
+    return FinetuneResult(run_dir=run.path, model_dir=run.path / MODEL_DIR, examples=len(examples), steps=steps,
+                          final_loss=final_loss, seconds=seconds, resumed_from=resume.name if resume else None,
+                          log=log)

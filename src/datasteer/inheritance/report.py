@@ -104,7 +104,8 @@ def write_inherit_report(config: Any, out: Path, profiles: list[Profile], compar
         + ("; baseline: random selection with the same constraints" if "random" in arms else ""),
         f"- Student: `{config.student}`, {ft.method} fine-tuning"
         + (f" of the last {ft.train_layers} layers" if ft.train_layers else "")
-        + f", {ft.num_train_epochs:g} epochs, learning rate {ft.learning_rate:g}, batch {ft.per_device_train_batch_size}",
+        + f", {ft.num_train_epochs:g} epochs, learning rate {ft.learning_rate:g}, "
+        f"batch {ft.per_device_train_batch_size}",
         f"- Profiles: {'greedy' if pf.sampling.greedy else f'temperature {pf.sampling.temperature}'}, "
         f"k={pf.k}, max {pf.sampling.max_new_tokens} new tokens, seed {pf.seed}",
         "",

@@ -10,4 +10,5 @@ from datasteer.metagrad.config import TrainingConfig
 from datasteer.metagrad.engine import MetagradResult, check_model, metagradients, train
 from datasteer.metagrad.metrics import Target, TextLoss, text_loss
 
-__all__ = ["Target", "TextLoss", "TrainingConfig", "text_loss", "MetagradResult", "check_model", "metagradients", "train"]
+__all__ = ["MetagradResult", "Target", "TextLoss", "TrainingConfig", "check_model", "metagradients", "text_loss",
+           "train"]

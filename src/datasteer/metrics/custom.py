@@ -13,7 +13,6 @@ one-line error naming the function.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import numbers

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from datasteer.errors import ConfigError, InputError
 from datasteer.io import read_rows
