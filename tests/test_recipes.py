@@ -231,3 +231,21 @@ def test_generate_recipe_with_malformed_teachers_is_one_line(tmp_path):
     proc = _cli("generate", "--config", str(recipe), "--k", "2", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and proc.stderr.startswith("datasteer: error: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "teachers.0" in proc.stderr
+
+
+def test_every_option_of_every_command_has_help():
+    import typer
+
+    from datasteer.cli import app
+
+    def walk(command, path):
+        for param in command.params:
+            if param.param_type_name == "option" and param.name != "help":
+                assert (param.help or "").strip(), f"{' '.join(path)} {param.opts[0]} has no help text"
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    root = typer.main.get_command(app)
+    walk(root, ["datasteer"])
+    assert {"generate", "score", "select", "finetune", "profile", "compare", "inherit", "dpg", "attribute", "demo",
+            "metrics", "models", "recipes", "version"} <= set(root.commands)
