@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from datasteer.inheritance import plots
 from datasteer.inheritance.compare import Comparison, _fmt, paired_difference, per_prompt_means
 from datasteer.inheritance.profile import Profile
 from datasteer.inheritance.config import parse_objective
@@ -60,11 +61,42 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def write_inherit_report(config: Any, out: Path, profiles: list[Profile], comparison: Comparison) -> Path:
-    from datasteer.inheritance import plots
-
+    """`report.md` of an inherit run: set-up, headline, what the selection kept, the profiles, plots, training."""
     add_active_vs_random(comparison, profiles)
     objectives = objective_columns(list(config.selection.objectives))
     arms = [a for a in ("active", "random") if (out / f"select-{a}").is_dir()]
+    candidates = _read_rows(out / "score" / "scored.jsonl")
+    trainings = {a: json.loads((out / f"finetune-{a}" / "training.json").read_text()) for a in arms}
+    figures = _figures(out, profiles, comparison, objectives, arms, candidates, trainings)
+    lines = [f"# Active inheritance: {config.name}", ""]
+    if config.description:
+        lines += [config.description.strip(), ""]
+    lines += _setup_lines(config, arms, len(candidates), profiles)
+    lines += ["## Headline", ""]
+    lines += [f"- {line}" for line in headline_lines(comparison, objectives)] or ["- (random selection only)"]
+    lines += ["", "Values are mean ± std over held-out prompts. Differences are paired over the same prompts with "
+              "a 95% normal-approximation interval; 'noise' means the interval contains 0.", ""]
+    lines += _selection_lines(out, arms, objectives)
+    lines += ["", "## Profiles (held-out prompts)", "", comparison.to_markdown()]
+    for r in [r for r in comparison.rows if "toxicity" in r.extra]:
+        lines += [f"Toxicity ({r.metric}): " + "; ".join(
+            f"{lab}: EMT {_fmt(t['expected_maximum_toxicity'])}, TP {_fmt(t['toxicity_probability'])}"
+            for lab, t in zip(comparison.labels, r.extra["toxicity"])), ""]
+    lines += ["## Plots", ""]
+    lines += [f"![{title}]({PLOTS_DIR}/{path.name})\n" for title, path in figures]
+    lines += _training_lines(trainings)
+    lines += ["", "## Reproduce", "", "Every stage is a run directory with its own `manifest.json` (config, seed, "
+              "input hashes, package versions, git commit). Rerunning the same command resumes and redoes nothing "
+              "that finished.", ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _figures(out: Path, profiles: list[Profile], comparison: Comparison, objectives: list[tuple[str, str]],
+             arms: list[str], candidates: list[dict[str, Any]],
+             trainings: dict[str, dict[str, Any]]) -> list[tuple[str, Path]]:
+    """(title, path) of every plot: distributions, the targeted metric, the selection per objective, losses."""
     plot_dir = out / PLOTS_DIR
     plot_dir.mkdir(exist_ok=True)
     measured = [r.metric for r in comparison.rows]
@@ -76,26 +108,25 @@ def write_inherit_report(config: Any, out: Path, profiles: list[Profile], compar
         n = {m: [sum(1 for _ in per_prompt_means(p, m)) for p in profiles] for m in obj_cols}
         figures.append(("Targeted metric with error bars", plots.objective_bars(
             comparison, obj_cols, plot_dir / "objectives.png", n)))
-    candidates = _read_rows(out / "score" / "scored.jsonl")
     selections = {a: _read_rows(out / f"select-{a}" / "selected.jsonl") for a in arms}
     for column in [c for c, _ in objectives]:
         figures.append((f"Selection on {column}", plots.selection_histogram(
             candidates, selections, column, plot_dir / f"selection-{column}.png")))
-    trainings = {a: json.loads((out / f"finetune-{a}" / "training.json").read_text()) for a in arms}
     figures.append(("Training loss", plots.training_loss({a: t["log"] for a, t in trainings.items()},
                                                          plot_dir / "training_loss.png")))
+    return figures
 
-    lines = [f"# Active inheritance: {config.name}", ""]
-    if config.description:
-        lines += [config.description.strip(), ""]
+
+def _setup_lines(config: Any, arms: list[str], candidates: int, profiles: list[Profile]) -> list[str]:
+    """The experiment's set-up: teachers, prompts, selection, student, profiles."""
     teachers = ", ".join(f"{t.name} ({t.model}, k={t.k}, temperature {t.sampling.temperature}, "
                          f"top_p {t.sampling.top_p}, max {t.sampling.max_new_tokens} new tokens)"
                          for t in config.teachers)
     ft = config.finetune_config("-")
     pf = config.profile_config(config.student, "base")
-    lines += [
+    return [
         f"- Teachers: {teachers}",
-        f"- Training prompts: `{config.prompts.path}` ({len(candidates)} candidates); held-out prompts: "
+        f"- Training prompts: `{config.prompts.path}` ({candidates} candidates); held-out prompts: "
         f"`{config.eval_prompts.path}` ({profiles[0].summary['prompts']['rows']} prompts)",
         f"- Selection: {', '.join(config.selection.objectives)}"
         + (f" ({config.selection.combine})" if len(config.selection.objectives) > 1 else "")
@@ -109,16 +140,14 @@ def write_inherit_report(config: Any, out: Path, profiles: list[Profile], compar
         f"- Profiles: {'greedy' if pf.sampling.greedy else f'temperature {pf.sampling.temperature}'}, "
         f"k={pf.k}, max {pf.sampling.max_new_tokens} new tokens, seed {pf.seed}",
         "",
-        "## Headline",
-        "",
     ]
-    lines += [f"- {line}" for line in headline_lines(comparison, objectives)] or ["- (random selection only)"]
-    lines += ["", "Values are mean ± std over held-out prompts. Differences are paired over the same prompts with "
-              "a 95% normal-approximation interval; 'noise' means the interval contains 0.", ""]
 
-    lines += ["## Training data: what the selection kept", "",
-              "| column | all candidates | " + " | ".join(f"{a} selection" for a in arms) + " |",
-              "|---|---|" + "---|" * len(arms)]
+
+def _selection_lines(out: Path, arms: list[str], objectives: list[tuple[str, str]]) -> list[str]:
+    """The selection differential: each objective over all candidates and over each selection."""
+    lines = ["## Training data: what the selection kept", "",
+             "| column | all candidates | " + " | ".join(f"{a} selection" for a in arms) + " |",
+             "|---|---|" + "---|" * len(arms)]
     summaries = {a: json.loads((out / f"select-{a}" / "summary.json").read_text()) for a in arms}
     for column in [c for c, _ in objectives] or list(summaries[arms[0]]["columns"])[:3]:
         cells = []
@@ -130,22 +159,13 @@ def write_inherit_report(config: Any, out: Path, profiles: list[Profile], compar
     for a in arms:
         if summaries[a]["dropped"]:
             lines.append(f"\n{a}: {summaries[a]['dropped']} prompt(s) dropped: {summaries[a]['dropped_reasons']}")
-    lines += ["", "## Profiles (held-out prompts)", "", comparison.to_markdown()]
-    tox = [r for r in comparison.rows if "toxicity" in r.extra]
-    for r in tox:
-        lines += [f"Toxicity ({r.metric}): " + "; ".join(
-            f"{lab}: EMT {_fmt(t['expected_maximum_toxicity'])}, TP {_fmt(t['toxicity_probability'])}"
-            for lab, t in zip(comparison.labels, r.extra["toxicity"])), ""]
-    lines += ["## Plots", ""]
-    lines += [f"![{title}]({PLOTS_DIR}/{path.name})\n" for title, path in figures]
-    lines += ["## Training", "", "| student | examples | steps | final loss | cut at generation | seconds |",
-              "|---|---|---|---|---|---|"]
+    return lines
+
+
+def _training_lines(trainings: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["## Training", "", "| student | examples | steps | final loss | cut at generation | seconds |",
+             "|---|---|---|---|---|---|"]
     for a, t in trainings.items():
         lines.append(f"| {a} | {t['examples']} | {t['steps']} | {_fmt(t['final_loss'])} | {t['cut_at_generation']} "
                      f"| {t['seconds']:.0f} |")
-    lines += ["", "## Reproduce", "", "Every stage is a run directory with its own `manifest.json` (config, seed, "
-              "input hashes, package versions, git commit). Rerunning the same command resumes and redoes nothing "
-              "that finished.", ""]
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    return lines
