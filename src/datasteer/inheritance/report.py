@@ -7,9 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from datasteer.inheritance import plots
-from datasteer.inheritance.compare import Comparison, _fmt, paired_difference, per_prompt_means
-from datasteer.inheritance.profile import Profile
+from datasteer.inheritance.compare import (
+    Comparison,
+    _fmt,
+    paired_difference,
+    per_prompt_means,
+)
 from datasteer.inheritance.config import parse_objective
+from datasteer.inheritance.profile import Profile
 from datasteer.runs import atomic_write_text
 
 PLOTS_DIR = "plots"
