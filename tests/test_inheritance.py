@@ -67,8 +67,9 @@ def test_restrict_to_last_layers_freezes_the_rest():
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_finetune_lowers_the_loss_and_saves_a_loadable_model(tmp_path, method):
     data = write_rows(tmp_path / "sel.jsonl", ROWS * 2)
+    lora = {"lora": {"r": 4}, "train_layers": 1} if method == "lora" else {}
     cfg = FinetuneConfig(input=str(data), model=TINY, method=method, num_train_epochs=3, learning_rate=3e-3,
-                         per_device_train_batch_size=4, lora={"r": 4}, train_layers=1 if method == "lora" else None)
+                         per_device_train_batch_size=4, **lora)
     result = finetune(cfg, tmp_path / "ft", progress=False)
     assert result.steps == 6 and result.examples == 8
     losses = [e["loss"] for e in result.log]

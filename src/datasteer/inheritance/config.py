@@ -79,6 +79,9 @@ def parse_constraint(spec: str) -> Constraint:
         value = float(m.group(3))
     except ValueError:
         raise ConfigError(f"constraint '{spec}': '{m.group(3)}' is not a number") from None
+    if math.isnan(value):
+        raise ConfigError(f"constraint '{spec}': nothing compares to nan (every candidate would fail it); give a "
+                          "number")
     return Constraint(m.group(1), m.group(2), value)
 
 
@@ -116,6 +119,14 @@ class SelectionRule(StrictModel):
     @classmethod
     def _valid_constraints(cls, constraints: list[str]) -> list[str]:
         return [str(parse_constraint(c)) for c in constraints]
+
+    @model_validator(mode="after")
+    def _weights_need_weighted(self) -> SelectionRule:
+        weighted = [o for o in self.objectives if o != "random" and parse_objective(o).weight != 1.0]
+        if weighted and self.combine == "lexicographic":
+            raise ValueError(f"objective weights ({', '.join(weighted)}) apply to combine=weighted only; "
+                             "lexicographic order ignores them: drop the weights or use combine=weighted")
+        return self
 
 
 class SelectConfig(SelectionRule):
@@ -172,6 +183,12 @@ class FinetuneSettings(StrictModel):
                                      "rest is frozen, embeddings included; lora: adapters on those layers only); "
                                      "None: all. Backpropagation stops at the lowest trained layer, so this is "
                                      "much cheaper on a CPU")
+
+    @model_validator(mode="after")
+    def _lora_needs_lora(self) -> FinetuneSettings:
+        if self.method == "full" and "lora" in self.model_fields_set:
+            raise ValueError("lora settings apply to method lora; set method: lora (or --method lora), or drop them")
+        return self
 
 
 class FinetuneConfig(FinetuneSettings):

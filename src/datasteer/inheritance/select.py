@@ -42,7 +42,7 @@ from datasteer.inheritance.config import Constraint, Objective, SelectConfig, pa
 from datasteer.io import read_rows
 from datasteer.rows import load_rows, rows_file, write_card, write_rows
 from datasteer.runs import Run, derive_seed, file_input
-from datasteer.stats import column_stats
+from datasteer.stats import column_stats, is_number
 
 SELECTED, DROPPED = "selected", "dropped"
 SELECTED_FILE = rows_file(SELECTED)
@@ -55,9 +55,7 @@ def is_random(config: SelectConfig) -> bool:
 
 def _value(row: dict[str, Any], column: str) -> float | None:
     v = row.get(column)
-    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-        return None
-    return float(v)
+    return float(v) if is_number(v) else None  # NaN and inf are missing: they cannot be ranked
 
 
 def did_you_mean(name: str, known: list[str]) -> str:

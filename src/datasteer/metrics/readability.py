@@ -21,7 +21,10 @@ Counting rules (the same for every formula):
     final -e/-es/-ed); each part of a hyphenated word is counted on its own; a word without
     letters (a number) counts one syllable.
 A text without words has no readability: every formula gives NaN (a missing value). The
-formulas are defined for English; other languages get numbers, but not meaningful ones.
+formulas are defined for English: a text whose letters are mostly not Latin script (Japanese,
+Arabic, Cyrillic, ...) has no readability either, since its counts would be numbers without
+meaning (Japanese scored a reading ease of ~120, so a readability objective would prefer it).
+Latin-script languages other than English still get numbers: read them with that in mind.
 """
 
 from __future__ import annotations
@@ -157,7 +160,15 @@ class ReadabilityScorer(BaseScorer):
         self._fn = fn
 
     def score(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> list[float]:
-        return [self._fn(counts(t)) for t in texts]
+        return [self._fn(counts(t)) if latin_script(t) else math.nan for t in texts]
+
+
+def latin_script(text: str) -> bool:
+    """Whether at least half of the text's letters are Latin script (ASCII and the Latin supplements and
+    extensions, U+0000-U+024F and U+1E00-U+1EFF): the texts the English formulas can be applied to."""
+    letters = _LETTER.findall(text)
+    latin = sum(1 for ch in letters if ord(ch) < 0x250 or 0x1E00 <= ord(ch) <= 0x1EFF)
+    return not letters or 2 * latin >= len(letters)
 
 
 for _name in FORMULAS:

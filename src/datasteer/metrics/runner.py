@@ -114,7 +114,7 @@ def score(config: ScoreConfig, out: str | Path, *, overwrite: bool = False, prog
                         values.extend(got)
                         tracker.advance(e - b)
                     run.write_shard(scorer.name, f"{index:06d}",
-                                    [{"v": None if math.isnan(v) else v} for v in map(float, values)])
+                                    [{"v": v if math.isfinite(v) else None} for v in map(float, values)])
             finally:
                 close = getattr(scorer, "close", None)
                 if close is not None:
