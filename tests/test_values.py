@@ -43,6 +43,15 @@ def test_inf_is_missing_in_selection_and_summaries(tmp_path):
     assert stats["count"] == 2 and stats["missing"] == 3 and stats["non_finite"] == 1 and stats["mean"] == 2.0
 
 
+def test_weighted_selection_of_values_near_the_float_limit(tmp_path):
+    rows = _rows(tmp_path / "scored.jsonl", [
+        {"prompt_id": "a", "completion": "x", "s": 1e308, "t": 1.0},
+        {"prompt_id": "a", "completion": "y", "s": -1e308, "t": 1.0},
+        {"prompt_id": "a", "completion": "z", "s": 0.0, "t": 0.0}])
+    result = select(SelectConfig(input=str(rows), objectives=["s:max", "t:max"]), tmp_path / "o")
+    assert [json.loads(line)["completion"] for line in result.selected_path.read_text().splitlines()] == ["x"]
+
+
 def test_a_scorer_returning_inf_writes_missing_values(tmp_path, monkeypatch):
     (tmp_path / "inf_metric.py").write_text("def big(texts):\n    return [float('inf') for _ in texts]\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -185,6 +185,9 @@ def _weighted_keys(eligible: list[dict[str, Any]], objectives: list[Objective]) 
     keys = [0.0] * len(eligible)
     for o in objectives:
         xs = [_value(r, o.column) for r in eligible]
+        # z-scores do not change with the scale, and values near the float limit (1e308) would overflow the sums
+        scale = max(abs(x) for x in xs) or 1.0  # type: ignore[arg-type]
+        xs = [x / scale for x in xs]  # type: ignore[operator]
         mean = sum(xs) / len(xs)  # type: ignore[arg-type]
         std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))  # type: ignore[operator]
         for i, x in enumerate(xs):
