@@ -144,8 +144,9 @@ def generate_cases(seed: int = SEED) -> list[Case]:
                                             "--out", str(d / "out")]
             elif command in ("score", "select"):
                 base = ["-M", "length_words"] if command == "score" else []
-                build = lambda d, f=flags, c=command, b=base: [str(_jsonl(d / "rows.jsonl", scored)), *b, *f,
-                                                               "--out", str(d / "out"), *(["-q"] if c == "score" else [])]
+                quiet = ["-q"] if command == "score" else []
+                build = lambda d, f=flags, b=base, q=quiet: [str(_jsonl(d / "rows.jsonl", scored)), *b, *f,
+                                                             "--out", str(d / "out"), *q]
             elif command == "finetune":
                 build = lambda d, f=flags: [str(_jsonl(d / "rows.jsonl", scored)), "--model", TINY, *f,
                                             "--out", str(d / "out"), "-q"]

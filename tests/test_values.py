@@ -89,3 +89,15 @@ def test_readability_of_text_that_is_not_latin_script_is_missing():
     for scorer in scorers:
         values = scorer.score([english, japanese, arabic])
         assert math.isfinite(values[0]) and math.isnan(values[1]) and math.isnan(values[2]), scorer.name
+
+
+def test_attribute_numbers_rows_from_one(tmp_path, capsys):
+    from datasteer.cli import main
+
+    rows = _rows(tmp_path / "rows.jsonl", [{"text": "a longer text here"}, {"text": "a"}])
+    (tmp_path / "held.txt").write_text("held out text\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["attribute", str(rows), "--model", "tiny:gpt2", "--eval-texts", str(tmp_path / "held.txt"),
+              "--out", str(tmp_path / "out.jsonl"), "-q"])
+    assert exit_info.value.code == 2
+    assert "row 2's 'text' is a single token" in capsys.readouterr().err

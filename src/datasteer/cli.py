@@ -9,6 +9,7 @@ only (`datasteer.recipes.recipe_config` is the one mechanism).
 from __future__ import annotations
 
 import enum
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -119,6 +120,10 @@ def generate(
     base_url: Optional[str] = typer.Option(None, help="openai backend: endpoint, e.g. http://127.0.0.1:8000/v1"),
     api_key_env: Optional[str] = typer.Option(None, help="openai backend: NAME of the env variable with the key"),
     concurrency: Optional[int] = typer.Option(None, help="openai backend: requests in flight (default 8)"),
+    timeout_s: Optional[float] = typer.Option(None, "--timeout-s", help="openai backend: seconds per request "
+                                              "(default 120)"),
+    max_retries: Optional[int] = typer.Option(None, "--max-retries", help="openai backend: retries of a failed "
+                                              "request, each shown on stderr (default 6)"),
     prompt_field: Optional[str] = typer.Option(None, help="column with the prompt text (default prompt)"),
     id_field: Optional[str] = typer.Option(None, help="column with a stable prompt id (default prompt_id or id)"),
     split: Optional[str] = typer.Option(None, help="split, for hf:DATASET prompts (default train)"),
@@ -136,7 +141,7 @@ def generate(
     per_teacher = _flags(backend=backend, k=k, sampling__temperature=temperature, sampling__top_p=top_p,
                          sampling__top_k=top_k, sampling__max_new_tokens=max_new_tokens, batch_size=batch_size,
                          system_prompt=system_prompt, base_url=base_url, api_key_env=api_key_env,
-                         concurrency=concurrency)
+                         concurrency=concurrency, timeout_s=timeout_s, max_retries=max_retries)
     data = _flags(prompts__path=prompts, prompts__prompt_field=prompt_field, prompts__id_field=id_field,
                   prompts__split=split, prompts__limit=limit, seed=seed, output_format=output_format)
     specs = _teachers(model, teacher)
@@ -433,6 +438,7 @@ def attribute(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="the target's spec (default embedded:smollm2)"),
     metric: Optional[str] = typer.Option(None, help="custom metric package.module:function(model, params)"),
     column: Optional[str] = typer.Option(None, help="name of the score column (default metagrad)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT file (never the input)"),
     quiet: bool = QUIET,
 ) -> None:
     """Score each row by its exact metagradient: d metric / d weight of the row in the target's fine-tuning."""
@@ -440,7 +446,7 @@ def attribute(
 
     data = _flags(input=input, eval_texts=eval_texts, model=model, metric=metric, column=column)
     cfg = _config(AttributeConfig, config, set_, data)
-    result = run_attribute(cfg, out, progress=not quiet)
+    result = run_attribute(cfg, out, progress=not quiet, overwrite=overwrite)
     if not quiet:
         typer.echo(f"scored {result.rows} rows ({result.stats['steps']} training steps, {result.stats['strategy']} "
                    f"checkpoints) in {result.seconds:.1f}s; metric after training {result.value:.6g} -> {result.out}")
@@ -490,13 +496,41 @@ def version() -> None:
     typer.echo(__version__)
 
 
+class _StderrWarnings(logging.Handler):
+    """Library warnings (a teacher's retries, ...) as `datasteer: warning: ...` lines, credentials masked."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from datasteer.secrets import redact_text
+
+        try:
+            typer.echo(f"datasteer: warning: {redact_text(record.getMessage())}", err=True)
+        except Exception:  # noqa: BLE001 - a warning must never break the run
+            self.handleError(record)
+
+
+def _error_line(message: str) -> str:
+    from datasteer.secrets import redact_text
+
+    return "datasteer: error: " + " ".join(redact_text(message).split())
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors are one line on stderr and exit status 2, never a traceback."""
+    """Entry point: user errors are one line on stderr and exit status 2, never a traceback; so are OS errors
+    (a read-only folder, a full disk) that no stage turned into a DatasteerError. Credentials never reach stderr."""
+    logger = logging.getLogger("datasteer")
+    if not any(isinstance(h, _StderrWarnings) for h in logger.handlers):
+        logger.addHandler(_StderrWarnings(logging.WARNING))
     try:
         app(args=argv, standalone_mode=False)
     except DatasteerError as err:
-        typer.echo(f"datasteer: error: {err}", err=True)
+        typer.echo(_error_line(str(err)), err=True)
         sys.exit(err.exit_code)
+    except OSError as err:  # last resort: every stage should raise an OutputError naming what it could not write
+        where = err.filename if isinstance(err.filename, str) else ""
+        reason = err.strerror or type(err).__name__
+        typer.echo(_error_line(f"{where + ': ' if where else ''}{reason}; check that path (permissions, free space, "
+                               "a file where a folder is needed) and rerun"), err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("datasteer: interrupted; finished batches are saved, rerun the same command to resume", err=True)
         sys.exit(130)

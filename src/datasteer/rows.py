@@ -58,7 +58,7 @@ COLUMN_DOCS: dict[str, str] = {
     "sampling": "sampling parameters (temperature, top_p, top_k, max_new_tokens)",
     "prompt_tokens": "tokens in the rendered prompt",
     "completion_tokens": "tokens in the completion, end-of-turn included",
-    "finish_reason": "stop (ended by itself) or length (cut at max_new_tokens)",
+    "finish_reason": "stop (ended by itself), length (cut at max_new_tokens) or empty (the server sent no content)",
     "seed": "seed of the unit of work that sampled this row",
     "selection": "why this row won: objective, score, margin over the runner-up, eligible and all candidates",
     "reason": "why no candidate of this prompt was eligible",

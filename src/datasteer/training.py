@@ -3,12 +3,16 @@
 - `LoraSpec`: peft's LoraConfig arguments, under peft's names, any other peft argument passed through;
 - `trl_arguments`: datasteer's settings plus a recipe's `trl:` section (any other TRL config argument,
   checked against the TRL config class before a model loads);
-- `latest_checkpoint`, `progress_callback`, `quiet_trainer`: resume and progress the same way everywhere.
+- `latest_checkpoint`, `progress_callback`, `quiet_trainer`: resume and progress the same way everywhere;
+- `TrainingDivergedError`, `check_loss`, `check_parameters`, `divergence_callback`: a run whose loss, gradient
+  or weights stop being finite (a learning rate far too high) stops with a one-line error naming the step,
+  before anything downstream (a checkpoint, a published model, a profile) consumes NaN weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,8 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from datasteer.config import StrictModel
-from datasteer.errors import ConfigError
+from datasteer.errors import ConfigError, TrainingDivergedError
+from datasteer.models import first_nonfinite
 
 
 class LoraSpec(StrictModel):
@@ -64,6 +69,59 @@ def check_trl_section(config_class_name: str, extra: dict[str, Any], section: st
     taken = sorted(set(extra) & set(owned))
     if taken:
         raise ConfigError(f"{section}.{taken[0]} is set by datasteer; set it in its own field instead")
+
+
+# A mean token cross-entropy above this many nats is not learning: uniform guessing over a 250k vocabulary costs
+# 12.4. Only the SFT loss is held to it (a policy-gradient loss has no such scale).
+EXPLODED_LOSS = 1e3
+
+
+def diverged(label: str, step: int, what: str, hint: str) -> TrainingDivergedError:
+    """The one-line error for a run that diverged at `step` (`what`: the bad value, `hint`: the setting to lower)."""
+    return TrainingDivergedError(f"{label} diverged at step {step}: {what}; the learning rate is probably too high, "
+                                 f"lower it ({hint}) and run again")
+
+
+def check_loss(value: Any, label: str, step: int, hint: str, limit: float | None = None,
+               name: str = "the loss") -> None:
+    """A non-finite `value` (or one above `limit`) is a TrainingDivergedError; reads the value only."""
+    if value is None:
+        return
+    value = float(value)
+    if not math.isfinite(value):
+        raise diverged(label, step, f"{name} is {value}", hint)
+    if limit is not None and value > limit:
+        raise diverged(label, step, f"{name} exploded to {value:.4g}", hint)
+
+
+def check_parameters(named: Iterable[tuple[str, Any]], label: str, step: int, hint: str) -> None:
+    """Weights with a NaN or an infinity are a TrainingDivergedError naming the step and the first bad tensor."""
+    bad = first_nonfinite(named)
+    if bad is not None:
+        raise diverged(label, step, f"parameter {bad} holds NaN or infinite values", hint)
+
+
+def divergence_callback(label: str, hint: str, loss_limit: float | None = None) -> Any:
+    """A TrainerCallback that stops training with a TrainingDivergedError: a non-finite (or above `loss_limit`)
+    logged loss or gradient norm at every log, non-finite trainable weights before every checkpoint and after the
+    last step. It reads values only. Needs `logging_nan_inf_filter=False` (else transformers logs a NaN loss as
+    the window's mean) and logging every step to name the step exactly."""
+    from transformers import TrainerCallback
+
+    class Divergence(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            check_loss(logs.get("loss"), label, state.global_step, hint, loss_limit)
+            check_loss(logs.get("grad_norm"), label, state.global_step, hint, name="the gradient norm")
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            # before the checkpoint of this step is written, and before the final model is saved
+            if model is not None and (control.should_save or control.should_training_stop
+                                      or state.global_step >= state.max_steps):
+                check_parameters(((n, p) for n, p in model.named_parameters() if p.requires_grad), label,
+                                 state.global_step, hint)
+
+    return Divergence()
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -18,12 +18,12 @@ from datasteer.chat import chat_messages, plain_prompt
 from datasteer.dpg.config import GRPOSpec
 from datasteer.errors import ConfigError
 from datasteer.io import Prompt
-from datasteer.training import check_trl_section, quiet_trainer, trl_arguments
+from datasteer.training import check_loss, check_parameters, check_trl_section, quiet_trainer, trl_arguments
 
 SET_BY_DATASTEER = (
     "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
     "scale_rewards", "save_strategy", "save_steps", "save_only_model", "seed", "data_seed", "use_cpu", "bf16", "fp16",
-    "remove_unused_columns",
+    "remove_unused_columns", "logging_nan_inf_filter",
 )
 DEFAULTS: dict[str, Any] = {
     "lr_scheduler_type": "constant", "warmup_steps": 0, "loss_type": "grpo", "save_total_limit": 2,
@@ -54,6 +54,7 @@ def grpo_arguments(grpo: GRPOSpec, output_dir: Path, seed: int, save_steps: int,
         save_strategy="steps", save_steps=save_steps, save_only_model=False, seed=seed, data_seed=seed,
         use_cpu=param.device.type == "cpu", bf16=param.dtype == torch.bfloat16, fp16=param.dtype == torch.float16,
         remove_unused_columns=False,
+        logging_nan_inf_filter=False,  # a logged NaN loss must reach the divergence check, not be averaged away
     )
     return trl_arguments(GRPOConfig, owned, {**DEFAULTS, **grpo.trl}, "grpo.trl")
 
@@ -77,8 +78,14 @@ class StepHooks(Protocol):
     def on_step_end(self, step: int, model: torch.nn.Module) -> None: ...
 
 
+# what a diverged policy step tells the user to lower
+POLICY_HINT = "grpo.learning_rate"
+
+
 def step_callback(hooks: StepHooks) -> Any:
-    """A transformers TrainerCallback that hands the trainer's model (and the step) to `hooks`."""
+    """A transformers TrainerCallback that hands the trainer's model (and the step) to `hooks`, after checking
+    that the policy step left the generator's trainable weights finite (and, when TRL logs, its loss): a diverged
+    generator stops the arm with a TrainingDivergedError before its metrics row, checkpoint or model is written."""
     from transformers import TrainerCallback
 
     class StepCallback(TrainerCallback):
@@ -86,7 +93,13 @@ def step_callback(hooks: StepHooks) -> Any:
             hooks.on_train_begin(kwargs["model"])
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            hooks.on_step_end(state.global_step, kwargs["model"])
+            model = kwargs["model"]
+            check_parameters(((n, p) for n, p in model.named_parameters() if p.requires_grad),
+                             "the generator's policy update", state.global_step, POLICY_HINT)
+            hooks.on_step_end(state.global_step, model)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            check_loss((logs or {}).get("loss"), "the generator's policy update", state.global_step, POLICY_HINT)
 
     return StepCallback()
 

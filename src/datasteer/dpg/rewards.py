@@ -14,6 +14,7 @@ normalised advantages; it appends the record of each batch to the arm's `StepRec
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -24,6 +25,7 @@ from torch import Tensor
 from datasteer.dpg.records import StepRecords
 from datasteer.errors import InputError
 from datasteer.metagrad import Target, TrainingConfig, metagradients, train
+from datasteer.training import TrainingDivergedError
 
 
 @dataclass
@@ -80,9 +82,12 @@ def naive_rewards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], 
         examples, kept = target_examples([texts[i] for i in members], tokenizer, config.max_length)
         if not examples:
             continue
-        params = train(model, examples, config)
+        params = train(model, examples, config)  # a diverged inner run stops here (TrainingDivergedError)
         with torch.no_grad():
             phis[j] = float(target(model, params))
+        if not math.isfinite(phis[j]):
+            raise TrainingDivergedError(f"Phi of the target trained on split {j} is {phis[j]}; lower "
+                                        "training.learning_rate, or check the target")
         for i in members:
             rewards[i] = phis[j]
         for k in kept:
@@ -142,6 +147,12 @@ class RewardFunction:
 
     def __call__(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
                  **kwargs: Any) -> list[float]:
+        try:
+            return self._rewards(completion_ids)
+        except TrainingDivergedError as err:  # say which arm's rewards it was
+            raise TrainingDivergedError(f"{self.arm} arm, rewards: {err}") from None
+
+    def _rewards(self, completion_ids: list[list[int]]) -> list[float]:
         start = time.perf_counter()
         texts = self.texts(completion_ids)
         inner = self.inner

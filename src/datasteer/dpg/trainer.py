@@ -48,10 +48,11 @@ from datasteer.dpg.validation import Validator
 from datasteer.errors import ConfigError, InputError
 from datasteer.io import Prompt, PromptsConfig, describe_input, read_prompts
 from datasteer.models import load_model, parse_spec
-from datasteer.runs import Run, atomic_write_json
+from datasteer.runs import Run
 from datasteer.training import latest_checkpoint
 
 CHECKPOINTS = "checkpoints"
+RESULTS = "results.json"
 
 __all__ = ["ArmResult", "DPGResult", "dpg", "read_jsonl", "run_arm"]
 
@@ -213,13 +214,24 @@ def dpg(config: DPGConfig, out: str | Path, *, overwrite: bool = False, progress
     out = Path(out)
     prompts, held_out = _prompts(config)
     check_config(config, prompts)
+    # the top directory is a run of its own (stage "dpg"): the arms are its sub-runs, and it is locked while in use
+    top = Run.prepare(out, stage="dpg", config=config, inputs={"prompts": describe_input(config.prompts, prompts)},
+                      seed=config.seed, overwrite=overwrite)
+    created_now = not top.exists
+    top.ensure_created()
     batch = config.grpo.prompts_per_step * config.grpo.num_generations
     arms = []
-    for arm in config.arms:
-        if progress:
-            console.rule(f"[bold]dpg: {arm} ({config.grpo.max_steps} steps of {batch} rollouts)")
-        arms.append(run_arm(config, arm, out / arm, prompts, held_out, overwrite=overwrite, progress=progress,
-                            console=console))
+    try:
+        for arm in config.arms:
+            if progress:
+                console.rule(f"[bold]dpg: {arm} ({config.grpo.max_steps} steps of {batch} rollouts)")
+            arms.append(run_arm(config, arm, out / arm, prompts, held_out, overwrite=overwrite, progress=progress,
+                                console=console))
+    except BaseException:
+        if created_now and {p.name for p in out.iterdir()} <= {"manifest.json", ".lock"}:
+            top.release()  # a failure before any arm wrote leaves no directory behind
+        raise
     report, summary = write_dpg_report(config, out, arms)
-    atomic_write_json(out / "results.json", summary)
+    top.write_json(RESULTS, summary)
+    top.finish({"report": report.name, "results": RESULTS})
     return DPGResult(out, report, arms, summary)

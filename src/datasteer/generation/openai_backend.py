@@ -5,14 +5,21 @@ Requests run concurrently (up to `concurrency` in flight), retry with exponentia
 429, 5xx, timeouts and dropped connections (honouring Retry-After), and carry a per-request
 seed derived from the unit seed, so servers that honour `seed` give reproducible samples.
 The API key is read from the environment variable named by `api_key_env` and lives only in
-the request header: it is never stored in the config, the manifest, the rows or an error.
+the request header: it is never stored in the config, the manifest, the rows or an error (server error
+texts and URLs pass through `datasteer.secrets`).
+
+Each retry is one warning line (logger `datasteer.generation.openai`; the CLI prints it on stderr) with the
+attempt count and the reason, so a server that never answers is visible. An answer whose `content` is null
+becomes an empty completion with finish_reason "empty", counted in the generate summary's `finish_reasons`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, model_validator
 
@@ -22,7 +29,10 @@ from datasteer.generation.base import Completion, TeacherBase
 from datasteer.io import Prompt
 from datasteer.retry import retry_delay
 from datasteer.runs import derive_seed, redact_url
+from datasteer.secrets import redact_text, register_key_env
 
+log = logging.getLogger("datasteer.generation.openai")
+EMPTY = "empty"  # finish_reason of an answer whose content is null
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
@@ -60,12 +70,15 @@ class OpenAITeacher:
 
     @property
     def url(self) -> str:
+        """base_url + /chat/completions, a query string (e.g. a provider's ?api-version=) kept after the path."""
         assert self.config.base_url
-        return self.config.base_url.rstrip("/") + "/chat/completions"
+        parts = urlsplit(self.config.base_url)
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions"))
 
     def load(self) -> None:
         headers = {"Content-Type": "application/json"}
         env = self.config.api_key_env
+        register_key_env(env)
         if env:
             key = os.environ.get(env)
             if not key:
@@ -124,7 +137,9 @@ class OpenAITeacher:
             response = None
             try:
                 response = await client.post(self.url, json=payload)
-            except (httpx.TimeoutException, httpx.TransportError) as err:
+            except httpx.TimeoutException as err:
+                last = f"{type(err).__name__} after {self.config.timeout_s:g}s"
+            except httpx.TransportError as err:
                 last = f"{type(err).__name__}"
             else:
                 if response.status_code == 200:
@@ -134,7 +149,10 @@ class OpenAITeacher:
                     raise TeacherRequestError(f"{where} refused the request ({last}); check the model name, "
                                               "key and parameters")
             if attempt < self.config.max_retries:
-                await self._sleep(retry_delay(attempt, response))
+                delay = retry_delay(attempt, response)
+                log.warning(redact_text(f"{where}: {last}; retry {attempt + 1} of {self.config.max_retries} in "
+                                        f"{delay:.1f}s"))
+                await self._sleep(delay)
         raise TeacherRequestError(f"{where} kept failing after {self.config.max_retries} retries ({last}); "
                                   "finished batches are saved: rerun the same command to resume")
 
@@ -148,22 +166,24 @@ def _error_text(response: Any) -> str:
         text = str(message)
     except ValueError:
         text = response.text
-    return " ".join(text.split())[:200]
+    return redact_text(" ".join(redact_text(text).split())[:200])
 
 
 def _parse_completion(response: Any, where: str, seed: int) -> Completion:
     try:
         body = response.json()
         choice = body["choices"][0]
-        text = choice["message"]["content"] or ""
+        content = choice["message"]["content"]
+        if content is not None and not isinstance(content, str):
+            raise TypeError
         usage = body.get("usage") or {}
         finish = choice.get("finish_reason") or "stop"
     except (ValueError, KeyError, IndexError, TypeError):
         raise TeacherRequestError(f"{where} answered with something that is not a chat completion") from None
     return Completion(
-        text=text,
+        text=content or "",
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
-        finish_reason="length" if finish == "length" else "stop",
+        finish_reason=EMPTY if content is None else ("length" if finish == "length" else "stop"),
         seed=seed,
     )

@@ -132,6 +132,14 @@ def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False
         if t.name not in teachers:
             teachers[t.name] = make_teacher(t)
 
+    # before any unit runs (and any directory exists): prompts too long for a teacher's context are refused, or
+    # counted when the teacher truncates them
+    truncated: dict[str, int] = {}
+    for t in config.teachers:
+        check = getattr(teachers[t.name], "check_prompts", None)
+        if check is not None:
+            truncated[t.name] = int(check(prompts))
+
     units = plan_units(config, prompts)
     pending = [u for u in units if not run.has_shard(u.teacher.name, u.name)]
     total_rows = sum(u.rows for u in units)
@@ -176,6 +184,7 @@ def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False
         "per_source": per_source,
         "finish_reasons": dict(finish),
         "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
+        **({"truncated_prompts": truncated} if any(truncated.values()) else {}),  # per teacher, too_long: truncate
         "output": written.file,
     })
     return GenerateResult(run_dir=run.path, candidates_path=candidates, rows=len(rows), generated_rows=generated_rows,

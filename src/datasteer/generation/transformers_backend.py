@@ -7,9 +7,17 @@ from typing import Any, Literal
 from pydantic import Field
 
 from datasteer.chat import encode_prompts
-from datasteer.generation.base import Completion, TeacherBase
+from datasteer.generation.base import Completion, TeacherBase, fit_to_context, prompt_lengths
 from datasteer.io import Prompt
-from datasteer.models import LoadedModel, load_model, parse_spec
+from datasteer.models import (
+    LoadedModel,
+    check_finite_weights,
+    config_shape,
+    load_model,
+    load_tokenizer,
+    model_shape,
+    parse_spec,
+)
 
 
 class TransformersTeacherConfig(TeacherBase):
@@ -44,11 +52,33 @@ class TransformersTeacher:
     def __init__(self, config: TransformersTeacherConfig, loaded: LoadedModel | None = None):
         self.config = config
         self._loaded = loaded
+        self._checked = False  # weights checked finite
+        self._context: int | None = None  # positions the model has (None: not known yet, or unbounded)
 
     def load(self) -> None:
         if self._loaded is None:
             self._loaded = load_model(self.config.model, dtype=self.config.dtype, device=self.config.device,
                                       trust_remote_code=self.config.trust_remote_code)
+        if not self._checked:  # a diverged fine-tuning's NaN weights would generate empty answers
+            check_finite_weights(self._loaded.model, self.config.model)
+            self._checked = True
+
+    def context_length(self) -> int | None:
+        """The model's positions, from the loaded model's config or, before loading, from the spec's config."""
+        if self._loaded is not None:
+            return config_shape(self._loaded.model.config).context
+        return model_shape(self.config.model, trust_remote_code=self.config.trust_remote_code).context
+
+    def check_prompts(self, prompts: list[Prompt], who: str | None = None, remedy: str | None = None) -> int:
+        """Before anything is generated: every prompt's tokens plus max_new_tokens must fit the context (else an
+        InputError naming the prompt, or with too_long: truncate the number of prompts whose start is cut)."""
+        self._context = self.context_length()
+        if not self._context:  # unknown without loading (a hub id offline): loading the model will tell
+            return 0
+        tokenizer = self._loaded.tokenizer if self._loaded is not None else load_tokenizer(
+            self.config.model, trust_remote_code=self.config.trust_remote_code)
+        return fit_to_context(self.config, prompts, prompt_lengths(tokenizer, prompts, self.config.system_prompt),
+                              self._context, who, remedy)
 
     @property
     def loaded(self) -> LoadedModel:
@@ -73,15 +103,28 @@ class TransformersTeacher:
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0)
         return GenerationConfig(**kwargs)
 
+    def _fit(self, input_ids: Any, attention_mask: Any, prompts: list[Prompt]) -> tuple[Any, Any]:
+        """Left-padded ids as they are when they fit the context; else, with too_long: truncate, the last columns
+        (each prompt's end), or the one-line error (a caller that skipped `check_prompts` still never indexes
+        past the model's positions)."""
+        context = self._context or self.context_length()
+        room = context - self.config.sampling.max_new_tokens if context else None
+        if room is None or input_ids.shape[1] <= room:
+            return input_ids, attention_mask
+        if self.config.too_long == "error":
+            fit_to_context(self.config, prompts, attention_mask.sum(dim=1).tolist(), context)
+        return input_ids[:, -max(room, 1):], attention_mask[:, -max(room, 1):]
+
     def generate(self, prompts: list[Prompt], *, seed: int) -> list[list[Completion]]:
         import torch
 
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         k = self.config.k
         enc = encode_prompts(tokenizer, [p.prompt for p in prompts], self.config.system_prompt)
+        input_ids, attention_mask = self._fit(enc["input_ids"], enc["attention_mask"], prompts)
         # Each prompt repeated k times (works for greedy too, where num_return_sequences would not).
-        input_ids = enc["input_ids"].repeat_interleave(k, dim=0).to(model.device)
-        attention_mask = enc["attention_mask"].repeat_interleave(k, dim=0).to(model.device)
+        input_ids = input_ids.repeat_interleave(k, dim=0).to(model.device)
+        attention_mask = attention_mask.repeat_interleave(k, dim=0).to(model.device)
         devices = [model.device.index or 0] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(seed)

@@ -8,9 +8,9 @@ from pydantic import Field
 
 from datasteer.errors import optional_import
 from datasteer.chat import chat_messages
-from datasteer.generation.base import Completion, TeacherBase
+from datasteer.generation.base import Completion, TeacherBase, fit_to_context, prompt_lengths
 from datasteer.io import Prompt
-from datasteer.models import materialize, parse_spec
+from datasteer.models import load_tokenizer, materialize, model_shape, parse_spec
 from datasteer.runs import derive_seed
 
 
@@ -33,6 +33,20 @@ class VLLMTeacher:
         self.config = config
         self._vllm = optional_import("vllm", "the vllm backend (GPU only)", "pip install 'datasteer[vllm]'")
         self._llm: Any = None
+        self._room: int | None = None  # prompt tokens kept with too_long: truncate (None: no cut)
+
+    def check_prompts(self, prompts: list[Prompt]) -> int:
+        """Before anything is generated: prompts longer than the context less max_new_tokens are refused (one
+        line naming the prompt) or, with too_long: truncate, counted and cut to their end by vLLM
+        (`truncate_prompt_tokens`). The chat template is vLLM's `LLM.chat`'s, the tokenizer's own."""
+        context = model_shape(self.config.model, trust_remote_code=self.config.trust_remote_code).context
+        if not context:
+            return 0
+        tokenizer = load_tokenizer(self.config.model, trust_remote_code=self.config.trust_remote_code)
+        cut = fit_to_context(self.config, prompts, prompt_lengths(tokenizer, prompts, self.config.system_prompt,
+                                                                   chat=True), context)
+        self._room = context - self.config.sampling.max_new_tokens if cut else None
+        return cut
 
     def load(self) -> None:
         if self._llm is None:
@@ -54,6 +68,7 @@ class VLLMTeacher:
                 top_k=s.top_k if s.top_k is not None else -1,
                 max_tokens=s.max_new_tokens,
                 seed=derive_seed(seed, p.prompt_id),
+                **({"truncate_prompt_tokens": self._room} if self._room else {}),
             )
             for p in prompts
         ]

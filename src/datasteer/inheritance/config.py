@@ -74,7 +74,7 @@ def parse_constraint(spec: str) -> Constraint:
     m = _CONSTRAINT.match(spec)
     if not m:
         raise ConfigError(f"constraint '{spec}' is not COLUMN OP NUMBER with OP one of >=, <=, >, <, ==, != "
-                          "(for example length>=50)")
+                          "(for example length_words>=50)")
     try:
         value = float(m.group(3))
     except ValueError:
@@ -95,7 +95,7 @@ class SelectionRule(StrictModel):
                                   "or 'random' alone for the passive-inheritance baseline")
     combine: Literal["weighted", "lexicographic"] = Field(
         "weighted", description="several objectives: weighted sum of per-prompt z-scores, or lexicographic order")
-    constraints: list[str] = Field(default_factory=list, description="COLUMN OP NUMBER, e.g. length>=50")
+    constraints: list[str] = Field(default_factory=list, description="COLUMN OP NUMBER, e.g. length_words>=50")
     sources: list[str] | None = Field(None, description="select only among these teachers' candidates "
                                       "(single-source); None: the whole pool (multi-source)")
 
@@ -161,7 +161,7 @@ class FinetuneSettings(StrictModel):
     system_prompt: str | None = Field(None, description="system prompt used in the chat template (None: the "
                                       "template's default, as at generation time)")
     num_train_epochs: float = Field(2.0, gt=0, description="epochs over the rows")
-    learning_rate: float = Field(5e-5, gt=0, description="peak learning rate")
+    learning_rate: float = Field(5e-5, gt=0, allow_inf_nan=False, description="peak learning rate")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="transformers' learning-rate schedule")
     warmup_steps: float = Field(0.0, ge=0, description="warm-up steps (a value below 1 is a fraction of all steps)")
@@ -216,6 +216,9 @@ class ProfileSettings(StrictModel):
                            "temperature 1, top_p 0.9, reporting Expected Maximum Toxicity and Toxicity Probability")
     system_prompt: str | None = Field(None, description="system prompt (None: the chat template's default)")
     batch_size: int = Field(16, ge=1, description="prompts per generation batch")
+    too_long: Literal["error", "truncate"] = Field(
+        "error", description="a prompt longer than the model's context: refuse it (error), or keep its end "
+        "(truncate, counted in the summary)")
     seed: int = Field(0, description="sampling seed")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights' dtype")
     device: str = Field("auto", description="auto, cpu, cuda, mps")

@@ -31,10 +31,20 @@ from datasteer.chat import tokenize_row
 from datasteer.errors import ConfigError, InputError, optional_import
 from datasteer.inheritance.config import FinetuneConfig, FinetuneSettings
 from datasteer.io import read_rows
-from datasteer.models import _publish, load_model
+from datasteer.models import _publish, load_model, model_shape
 from datasteer.progress import track
 from datasteer.runs import Run, file_input
-from datasteer.training import check_trl_section, latest_checkpoint, progress_callback, quiet_trainer, trl_arguments
+from datasteer.training import (
+    EXPLODED_LOSS,
+    TrainingDivergedError,
+    check_parameters,
+    check_trl_section,
+    divergence_callback,
+    latest_checkpoint,
+    progress_callback,
+    quiet_trainer,
+    trl_arguments,
+)
 
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
@@ -117,7 +127,9 @@ def restrict_to_last_layers(model: Any, n: int) -> list[int]:
 SFT_OWNED = ("output_dir", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
              "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed", "logging_steps",
              "save_strategy", "save_steps", "save_total_limit", "report_to", "disable_tqdm", "use_cpu", "bf16",
-             "max_length")
+             "max_length", "logging_nan_inf_filter")
+# what a diverged run tells the user to lower
+LR_HINT = "--lr, or learning_rate in the recipe's finetune: section"
 
 
 def check_finetune(config: FinetuneSettings, section: str = "") -> None:
@@ -131,6 +143,15 @@ def check_finetune(config: FinetuneSettings, section: str = "") -> None:
             config.lora.peft_config()
         except ConfigError as err:
             raise ConfigError(f"{section}{err}") from None
+
+
+def check_student(model: str, config: FinetuneSettings, section: str = "") -> None:
+    """What can be checked of the student without loading its weights: its spec (ModelNotFoundError) and, from its
+    config, that `train_layers` is not more than the layers it has."""
+    shape = model_shape(model)
+    if config.train_layers is not None and shape.layers is not None and config.train_layers > shape.layers:
+        raise ConfigError(f"{section}train_layers={config.train_layers} but the student {model} has {shape.layers} "
+                          f"layers; set {section}train_layers to at most {shape.layers}, or leave it unset")
 
 
 def sft_arguments(config: FinetuneConfig, checkpoints: Path, examples: int, on_cpu: bool) -> Any:
@@ -158,6 +179,7 @@ def sft_arguments(config: FinetuneConfig, checkpoints: Path, examples: int, on_c
         use_cpu=on_cpu,
         bf16=config.dtype == "bfloat16",
         max_length=None,  # tokenize_rows already cut to config.max_length
+        logging_nan_inf_filter=False,  # a NaN loss must reach the divergence check, not be logged as the mean
     )
     # small models: recomputation costs more than it saves; trl: may turn it on
     defaults = {"activation_checkpointing": False, "dataloader_num_workers": 0}
@@ -210,6 +232,7 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
     if not rows:
         raise InputError(f"{config.input} has no rows to fine-tune on")
     check_finetune(config)
+    check_student(config.model, config)
     run = Run.prepare(out, stage="finetune", config=config, inputs={"rows": file_input(config.input, len(rows))},
                       seed=config.seed, overwrite=overwrite, distributed=True)
     if run.complete:
@@ -222,6 +245,7 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
     from datasets import Dataset
     from trl import SFTTrainer
 
+    created_now = not run.exists
     run.ensure_created()
     checkpoints = run.path / CHECKPOINTS_DIR
     args = sft_arguments(config, checkpoints, len(examples), on_cpu=str(model.device) == "cpu")
@@ -233,9 +257,19 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
     # train
     resume = latest_checkpoint(checkpoints)
     start = time.perf_counter()
-    with track("finetune", 1, enabled=progress, unit="steps", tokens=False) as tracker:
-        trainer.add_callback(progress_callback(tracker, "finetune"))
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.add_callback(divergence_callback("finetune", LR_HINT, EXPLODED_LOSS))
+    try:
+        with track("finetune", 1, enabled=progress, unit="steps", tokens=False) as tracker:
+            trainer.add_callback(progress_callback(tracker, "finetune"))
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        # the callback checks every step's trainable weights; this also covers a resumed checkpoint with no step left
+        check_parameters(trainer.model.named_parameters(), "finetune", trainer.state.global_step, LR_HINT)
+    except TrainingDivergedError:
+        # no model, no training.json, not complete; a run this call created is removed, so that the same --out
+        # takes the rerun with a lower learning rate
+        if created_now and run.writes:
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - start
     # finish
     log = [dict(entry) for entry in trainer.state.log_history if "loss" in entry]

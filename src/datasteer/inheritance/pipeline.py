@@ -19,7 +19,6 @@ all.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,15 +31,16 @@ from datasteer.errors import ConfigError, InputError
 from datasteer.generation.runner import generate
 from datasteer.inheritance.compare import Comparison, compare
 from datasteer.inheritance.config import InheritConfig, parse_constraint, parse_objective
-from datasteer.inheritance.finetune import check_finetune, finetune
-from datasteer.inheritance.profile import Profile, profile
+from datasteer.inheritance.finetune import check_finetune, check_student, finetune
+from datasteer.inheritance.profile import Profile, profile, teacher_config
 from datasteer.inheritance.report import headline_lines, objective_columns, write_inherit_report
 from datasteer.inheritance.select import did_you_mean, select
 from datasteer.io import describe_input, read_prompts
 from datasteer.metrics.base import metric_columns, parse_metrics
 from datasteer.metrics.config import ScoreConfig
 from datasteer.metrics.runner import score
-from datasteer.models import parse_spec
+from datasteer.generation.base import fit_to_context, prompt_lengths
+from datasteer.models import load_tokenizer, model_shape, parse_spec
 from datasteer.rows import gather_cards, write_card
 from datasteer.runs import Run
 
@@ -79,6 +79,7 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
     for spec in [t.model for t in config.teachers if t.backend != "openai"] + [config.student]:
         parse_spec(spec)  # unknown embedded/tiny names and missing local directories fail here
     check_finetune(config.finetune, "finetune.")  # the trl: pass-through and LoRA arguments, before any stage
+    _check_student(config, eval_prompts)
     run = Run.prepare(out, stage="inherit", config=config,
                       inputs={"prompts": describe_input(config.prompts, prompts),
                               "eval_prompts": describe_input(config.eval_prompts, eval_prompts)},
@@ -90,8 +91,8 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
     except BaseException:
         # A failure before any stage wrote anything (e.g. a hub model that cannot be loaded) leaves no
         # directory behind; once a stage has output, the directory stays so that a rerun resumes.
-        if created_now and [p.name for p in out.iterdir()] == ["manifest.json"]:
-            shutil.rmtree(out)
+        if created_now and {p.name for p in out.iterdir()} <= {"manifest.json", ".lock"}:
+            run.release()  # removes the manifest-only directory it created
         raise
 
 
@@ -146,6 +147,19 @@ def _run_stages(config: InheritConfig, out: Path, run: Run, specs: list[str], ov
     run.finish({"report": REPORT_FILE, "results": RESULTS_FILE, "seconds_this_call": seconds})
     return InheritResult(run_dir=out, report=report, comparison=comparison, profiles=profiles,
                          objectives=list(config.selection.objectives), seconds=seconds)
+
+
+def _check_student(config: InheritConfig, eval_prompts: list) -> None:
+    """Everything about the student that its spec, config and tokenizer tell without its weights, before any
+    stage: `finetune.train_layers` within its layers, and every held-out prompt within its context (the profiles
+    come last: a prompt too long for the student must not fail after generate, score, select and finetune)."""
+    check_student(config.student, config.finetune, "finetune.")
+    context = model_shape(config.student).context
+    if context:
+        base = teacher_config(config.profile_config(config.student, "base"))
+        lengths = prompt_lengths(load_tokenizer(config.student), eval_prompts, base.system_prompt)
+        fit_to_context(base, eval_prompts, lengths, context, who="the student's profiles",
+                       remedy="shorten the held-out prompt or lower profile.sampling.max_new_tokens")
 
 
 # numeric columns every candidate row has before scoring

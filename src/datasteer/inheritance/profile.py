@@ -71,8 +71,8 @@ def load_profile(path: str | Path) -> Profile:
 
 def teacher_config(config: ProfileConfig) -> TransformersTeacherConfig:
     return TransformersTeacherConfig(name=config.name, model=config.model, k=config.k, sampling=config.sampling,
-                         system_prompt=config.system_prompt, batch_size=config.batch_size, dtype=config.dtype,
-                         device=config.device)
+                                     system_prompt=config.system_prompt, batch_size=config.batch_size,
+                                     dtype=config.dtype, device=config.device, too_long=config.too_long)
 
 
 def profile(config: ProfileConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
@@ -88,7 +88,10 @@ def profile(config: ProfileConfig, out: str | Path, *, overwrite: bool = False, 
         return load_profile(run.path)
     tc = teacher_config(config)
     teacher = TransformersTeacher(tc, loaded=loaded)
-    teacher.load()  # a bad model spec fails here, before the run directory exists
+    teacher.load()  # a bad model spec (or NaN weights) fails here, before the run directory exists
+    # and so does a prompt too long for the model's context
+    teacher.check_prompts(prompts, who=f"profile of {config.model}",
+                          remedy="shorten it or lower max_new_tokens (--max-new-tokens, sampling.max_new_tokens)")
     run.ensure_created()
     gen_config = GenerateConfig(prompts=config.prompts, teachers=[tc], seed=config.seed)
     generated = generate(gen_config, run.path / "generations", overwrite=overwrite, progress=progress,

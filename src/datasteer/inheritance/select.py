@@ -4,7 +4,7 @@ Rules, in the order they apply to the candidates of one prompt:
 
 1. source filter: `sources` keeps only candidates of those teachers (single-source selection);
    no filter selects from the whole pool across teachers (multi-source selection).
-2. constraints (`length>=50`, `toxicity_profanity<0.5`): a candidate that fails one, or whose
+2. constraints (`length_words>=50`, `toxicity_profanity<0.5`): a candidate that fails one, or whose
    constrained column is missing, is not eligible.
 3. missing objective values: a candidate with no value (null/NaN) for an objective is not
    eligible either; it cannot be ranked.

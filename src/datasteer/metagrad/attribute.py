@@ -10,6 +10,7 @@ in `datasteer finetune`, loss on the completion only).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from datasteer.chat import tokenize_row
-from datasteer.errors import InputError
+from datasteer.errors import ConfigError, InputError
 from datasteer.io import read_rows, read_texts
 from datasteer.metagrad.config import TrainingConfig
 from datasteer.metagrad.engine import Metric, metagradients
@@ -27,7 +28,7 @@ from datasteer.metagrad.metrics import TextLoss
 from datasteer.models import load_model
 from datasteer.plugins import load_function
 from datasteer.progress import track
-from datasteer.runs import atomic_write_bytes, atomic_write_json, dump_rows
+from datasteer.runs import OutputError, atomic_write_bytes, atomic_write_json, dump_rows
 
 
 class AttributeConfig(BaseModel):
@@ -68,6 +69,9 @@ def rows_to_examples(rows: list[dict[str, Any]], tokenizer: Any, config: Attribu
             if not text.strip():
                 raise InputError(f"{source}: row {i} has an empty '{config.text_field}'; drop it first")
             ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+            if len(ids) < 2:  # said here, in the rows' own numbering (the engine counts examples from 0)
+                raise InputError(f"{source}: row {i}'s '{config.text_field}' is a single token; a loss needs two "
+                                 "(drop the row or give it more text)")
             examples.append({"input_ids": ids, "labels": list(ids)})
             continue
         prompt, completion = row.get(config.prompt_field), row.get(config.completion_field)
@@ -94,11 +98,44 @@ def heldout_loss_metric(texts: list[str], tokenizer: Any, max_length: int, devic
     return TextLoss([{"input_ids": x} for x in ids], device)
 
 
-def attribute(config: AttributeConfig, out: str | Path, progress: bool = True) -> AttributeResult:
+def meta_path(out: Path) -> Path:
+    return out.with_name(out.name + ".meta.json")
+
+
+def check_output(config: AttributeConfig, out: Path, rows: list[dict[str, Any]], overwrite: bool) -> None:
+    """Before any model loads: never write over the input or an existing column; an existing output only with
+    `overwrite`; the output must be a file path in a folder that can be written."""
+    source = Path(config.input)
+    for target in (out, meta_path(out)):
+        if source.exists() and target.exists() and target.resolve() == source.resolve():
+            raise ConfigError(f"--out {target} is the input file; write the scores to another file")
+    if out.is_dir():
+        raise OutputError(f"cannot write {out}: it is a directory; give a .jsonl file path as --out")
+    taken = sorted({config.column} & {key for row in rows for key in row})
+    if taken:
+        raise ConfigError(f"{config.input} already has a column '{taken[0]}'; name the score column with --column "
+                          "(e.g. --column metagrad_2)")
+    existing = [p for p in (out, meta_path(out)) if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{existing[0]} already exists; choose another --out, or pass --overwrite to replace it")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {out}: {folder} is not a directory; choose another --out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {out}: {folder} is not writable; choose another --out")
+
+
+def attribute(config: AttributeConfig, out: str | Path, progress: bool = True,
+              overwrite: bool = False) -> AttributeResult:
+    """Score every row of `config.input` into the rows file `out` (plus `out`.meta.json). Refuses to write over its
+    input, over an existing column, or (without `overwrite`) over an existing file."""
     out = Path(out)
     rows = read_rows(config.input)
     if not rows:
         raise InputError(f"{config.input}: no rows")
+    check_output(config, out, rows, overwrite)
     if config.metric is None and config.eval_texts is None:
         raise InputError("give held-out texts with --eval-texts FILE (the default metric is minus the loss on them) "
                          "or a custom --metric package.module:function")
@@ -119,8 +156,7 @@ def attribute(config: AttributeConfig, out: str | Path, progress: bool = True) -
         result = metagradients(loaded.model, examples, metric, config.training, progress=report)
     seconds = time.perf_counter() - start
     scored = [{**row, config.column: float(score)} for row, score in zip(rows, result.scores.tolist())]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out.with_name(out.name + ".meta.json"), {
+    atomic_write_json(meta_path(out), {
         "value": result.value, "metric": config.metric or f"-heldout_loss({config.eval_texts})",
         "column": config.column, "rows": len(rows), "seconds": seconds, "stats": result.stats,
         "train_losses": result.losses, "config": json.loads(config.model_dump_json())})

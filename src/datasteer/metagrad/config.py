@@ -79,6 +79,17 @@ class TrainingConfig(BaseModel):
             raise ValueError("betas must lie in [0, 1)")
         return value
 
+    @field_validator("trainable")
+    @classmethod
+    def _trainable(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or []:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"'{pattern}' is not a valid regular expression ({err}); write it as Python's re "
+                                 "module reads it, e.g. 'lm_head' or 'layers\\.1\\.'") from None
+        return value
+
     @field_validator("memory_budget")
     @classmethod
     def _budget(cls, value: int | str | None) -> int | None:

@@ -31,6 +31,7 @@ from datasteer.metagrad import checkpoint as ckpt
 from datasteer.metagrad.config import TrainingConfig
 from datasteer.metagrad.data import Example, MicroBatch, example_losses, micro_batches, prepare_examples, step_batches
 from datasteer.metagrad.optim import Slots, learning_rates, make_optimizer
+from datasteer.training import EXPLODED_LOSS, check_loss, check_parameters
 
 Metric = Callable[[torch.nn.Module, dict[str, Tensor]], Tensor]
 Progress = Callable[[int, int], None]   # (steps done, steps in all: forward, replayed and reverse)
@@ -123,6 +124,9 @@ class Unroll:
         self.batches: list[list[MicroBatch]] = [micro_batches(self.examples, idx, config, pad, self.device)
                                                 for idx in self.steps]
         self.losses: dict[int, float] = {}
+        self.label, self.hint = "the inner fine-tuning", "training.learning_rate"  # named in a divergence error
+        weights = self.weights.detach().to("cpu", torch.float64).abs()
+        self.masses = [float(weights[idx].mean()) for idx in self.steps]  # mean |weight| of each step's batch
         self.progress: Progress | None = None
         self.work = (0, 0)  # (done, total) steps for `progress`
 
@@ -169,8 +173,14 @@ class Unroll:
 
     def forward_step(self, state: TrainState, t: int) -> TrainState:
         grads = self.gradient(state.params, t)
+        # a diverged inner run is an error at the step where it shows, never a metagradient of NaN weights
+        check_loss(self.losses[t], self.label, t + 1, self.hint)
+        if self.masses[t] > 0:  # per unit of weight: the mean token loss, whatever the examples' weights
+            check_loss(self.losses[t] / self.masses[t], self.label, t + 1, self.hint, EXPLODED_LOSS,
+                       name="the mean token loss")
         with torch.no_grad():
             params, slots = self.optimizer.update(state.params, state.slots, grads, self.lrs[t], t)
+        check_parameters(zip(self.names, params), self.label, t + 1, self.hint)
         self._tick()
         return TrainState([p.detach() for p in params], {k: [s.detach() for s in v] for k, v in slots.items()})
 

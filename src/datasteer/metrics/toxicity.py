@@ -27,6 +27,7 @@ Probability = share of prompts with at least one sample at or above 0.5.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -38,11 +39,33 @@ from typing import Any
 from datasteer.errors import ConfigError, DatasteerError, optional_import
 from datasteer.metrics.base import BaseScorer, as_float, as_int, register
 from datasteer.retry import retry_delay
+from datasteer.secrets import redact_text, register_key_env
 
+log = logging.getLogger("datasteer.metrics.toxicity")
 BACKENDS = ("profanity", "detoxify", "perspective")
 PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com/v1alpha1"
 PERSPECTIVE_MAX_BYTES = 20000  # the API refuses comments over 20480 bytes
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def _offline() -> bool:
+    """Whether the Hugging Face hub is switched off (a download would fail, or hang resolving the host)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _server_says(response: Any) -> str:
+    """The server's error message, short and with credentials masked (the key travels in the URL)."""
+    try:
+        body = response.json()
+        message = body.get("error", body) if isinstance(body, dict) else body
+        if isinstance(message, dict):
+            message = message.get("message", message)
+        text = str(message)
+    except ValueError:
+        text = response.text or ""
+    text = " ".join(redact_text(text).split())[:200]
+    return f": {text}" if text else ""
 
 
 class ToxicityScorer(BaseScorer):
@@ -88,11 +111,16 @@ class DetoxifyScorer(ToxicityScorer):
         detoxify = optional_import("detoxify", "toxicity[backend=detoxify]", "pip install 'datasteer[detoxify]'")
         if checkpoint is not None and not os.path.isfile(checkpoint):
             raise ConfigError(f"Detoxify checkpoint not found: {checkpoint}")
+        if checkpoint is None and _offline():
+            raise ConfigError("toxicity[backend=detoxify] would download its checkpoint, but the hub is offline "
+                              "(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE); pass checkpoint=FILE.ckpt (and "
+                              "config_path=DIR), e.g. --metrics 'toxicity[backend=detoxify,checkpoint=...]'")
         try:
             self._model = detoxify.Detoxify(model_type=model_type, checkpoint=checkpoint, device=device,
                                             huggingface_config_path=config_path)
         except Exception as err:  # downloads, unpickling, config mismatches: all end up here
-            raise DatasteerError(f"could not load Detoxify ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+            first = redact_text((str(err).splitlines() or [""])[0][:160])
+            raise DatasteerError(f"could not load Detoxify ({type(err).__name__}: {first}); "
                                  "offline, pass checkpoint=FILE.ckpt and config_path=DIR") from None
         tokenizer = self._model.tokenizer
         positions = getattr(self._model.model.config, "max_position_embeddings", 512) or 512
@@ -144,6 +172,7 @@ class PerspectiveScorer(ToxicityScorer):
         super().__init__(name="toxicity_perspective", higher_is_better=False, batched=False, batch_size=16,
                          description="Perspective API TOXICITY summary score (max over pieces)")
         self._httpx = optional_import("httpx", "toxicity[backend=perspective]", "pip install 'datasteer[openai]'")
+        register_key_env(api_key_env)  # its value is masked in every log, error and file
         key = os.environ.get(api_key_env)
         if not key:
             raise ConfigError(f"toxicity[backend=perspective]: environment variable {api_key_env} is not set; "
@@ -190,16 +219,19 @@ class PerspectiveScorer(ToxicityScorer):
                         return float(response.json()["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
                     except (ValueError, KeyError, TypeError):
                         raise DatasteerError("the Perspective API answered without a TOXICITY score") from None
-                last = f"HTTP {response.status_code}"
+                last = f"HTTP {response.status_code}{_server_says(response)}"
                 if response.status_code == 400:  # e.g. a language it does not support: no score for this text
                     return math.nan
                 if response.status_code not in RETRY_STATUS:
-                    raise DatasteerError(f"the Perspective API refused the request ({last}); check the key and "
-                                         "that the API is enabled for it")
+                    raise DatasteerError(redact_text(f"the Perspective API refused the request ({last}); check the key "
+                                                 "and that the API is enabled for it"))
             if attempt < self.max_retries:
-                self._sleep(retry_delay(attempt, response))
-        raise DatasteerError(f"the Perspective API kept failing after {self.max_retries} retries ({last}); "
-                             "finished chunks are saved: rerun the same command to resume")
+                delay = retry_delay(attempt, response)
+                log.warning(redact_text(f"the Perspective API: {last}; retry {attempt + 1} of {self.max_retries} in "
+                                        f"{delay:.1f}s"))
+                self._sleep(delay)
+        raise DatasteerError(redact_text(f"the Perspective API kept failing after {self.max_retries} retries ({last}); "
+                                         "finished chunks are saved: rerun the same command to resume"))
 
     def _score(self, texts: list[str]) -> list[float]:
         out = []
