@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/finetune.py
 	$(BIN)/python benchmarks/metagrad.py
+	$(BIN)/python benchmarks/divergence_checks.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -13,8 +13,8 @@ ROOT = Path(datasteer.__file__).resolve().parent
 
 # Ground floor first; a module may import its own package and anything on a lower floor.
 FLOORS = [
-    {"errors", "progress", "stats", "retry", "chat", "secrets"},
-    {"config", "plugins", "plotting", "models"},
+    {"errors", "progress", "stats", "chat", "secrets"},
+    {"config", "plugins", "plotting", "models", "retry"},
     {"runs", "recipes", "training"},
     {"io", "rows"},
     {"generation", "metagrad"},

@@ -357,12 +357,18 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        if kind == "hub":
-            raise ModelNotFoundError(
-                f"could not load model '{spec}': it is not embedded:<name>, tiny:<arch> or a local directory, "
-                f"and the Hugging Face hub did not provide it ({type(err).__name__}; offline or a typo?)") from None
-        raise ModelNotFoundError(f"could not load the tokenizer of '{spec}' ({_reason(err)}); a model directory needs "
-                                 "the tokenizer files save_pretrained writes (tokenizer.json or its vocab)") from None
+        raise _not_loadable(spec, kind, err, f"could not load the tokenizer of '{spec}'", "a model directory needs the "
+                            "tokenizer files save_pretrained writes (tokenizer.json or its vocab)") from None
+
+
+def _not_loadable(spec: str, kind: str, err: Exception, what: str, remedy: str) -> ModelNotFoundError:
+    """One line for a model or tokenizer that would not load: a hub id the hub did not provide, or a directory
+    without the files it needs."""
+    if kind == "hub":
+        return ModelNotFoundError(f"could not load model '{spec}': it is not embedded:<name>, tiny:<arch> or a local "
+                                  f"directory, and the Hugging Face hub did not provide it ({type(err).__name__}; "
+                                  "offline or a typo?)")
+    return ModelNotFoundError(f"{what} ({_reason(err)}); {remedy}")
 
 
 def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
@@ -387,12 +393,8 @@ def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", trust_re
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                          **extra)
         except (OSError, ValueError) as err:
-            if kind == "hub":
-                raise ModelNotFoundError(
-                    f"could not load model '{spec}': it is not embedded:<name>, tiny:<arch> or a local directory, "
-                    f"and the Hugging Face hub did not provide it ({type(err).__name__}; offline or a typo?)") from None
-            raise ModelNotFoundError(f"could not load model from {path} ({_reason(err)}); it needs config.json, "
-                                     "weights and tokenizer files as save_pretrained writes them") from None
+            raise _not_loadable(spec, kind, err, f"could not load model from {path}", "it needs config.json, weights "
+                                "and tokenizer files as save_pretrained writes them") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

@@ -27,7 +27,7 @@ from datasteer.errors import ConfigError, TeacherRequestError, optional_import
 from datasteer.chat import chat_messages
 from datasteer.generation.base import Completion, TeacherBase
 from datasteer.io import Prompt
-from datasteer.retry import retry_delay
+from datasteer.retry import retry_delay, server_message
 from datasteer.runs import derive_seed, redact_url
 from datasteer.secrets import redact_text, register_key_env
 
@@ -144,7 +144,7 @@ class OpenAITeacher:
             else:
                 if response.status_code == 200:
                     return _parse_completion(response, where, seed)
-                last = f"HTTP {response.status_code}: {_error_text(response)}"
+                last = f"HTTP {response.status_code}: {server_message(response)}"
                 if response.status_code not in RETRY_STATUS:
                     raise TeacherRequestError(f"{where} refused the request ({last}); check the model name, "
                                               "key and parameters")
@@ -157,16 +157,6 @@ class OpenAITeacher:
                                   "finished batches are saved: rerun the same command to resume")
 
 
-def _error_text(response: Any) -> str:
-    try:
-        body = response.json()
-        message = body.get("error", body) if isinstance(body, dict) else body
-        if isinstance(message, dict):
-            message = message.get("message", message)
-        text = str(message)
-    except ValueError:
-        text = response.text
-    return redact_text(" ".join(redact_text(text).split())[:200])
 
 
 def _parse_completion(response: Any, where: str, seed: int) -> Completion:

@@ -180,7 +180,8 @@ class Unroll:
                        name="the mean token loss")
         with torch.no_grad():
             params, slots = self.optimizer.update(state.params, state.slots, grads, self.lrs[t], t)
-        check_parameters(zip(self.names, params), self.label, t + 1, self.hint)
+        if t == self.total_steps - 1:  # earlier steps: non-finite weights show in the next step's loss, checked above
+            check_parameters(zip(self.names, params), self.label, t + 1, self.hint)
         self._tick()
         return TrainState([p.detach() for p in params], {k: [s.detach() for s in v] for k, v in slots.items()})
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from datasteer.errors import ConfigError, DatasteerError, optional_import
 from datasteer.metrics.base import BaseScorer, as_float, as_int, register
-from datasteer.retry import retry_delay
+from datasteer.retry import retry_delay, server_message
 from datasteer.secrets import redact_text, register_key_env
 
 log = logging.getLogger("datasteer.metrics.toxicity")
@@ -55,16 +55,7 @@ def _offline() -> bool:
 
 
 def _server_says(response: Any) -> str:
-    """The server's error message, short and with credentials masked (the key travels in the URL)."""
-    try:
-        body = response.json()
-        message = body.get("error", body) if isinstance(body, dict) else body
-        if isinstance(message, dict):
-            message = message.get("message", message)
-        text = str(message)
-    except ValueError:
-        text = response.text or ""
-    text = " ".join(redact_text(text).split())[:200]
+    text = server_message(response)
     return f": {text}" if text else ""
 
 
