@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel
 
 from datasteer.config import coerce
-from datasteer.recipes import load_recipe
+from datasteer.recipes import recipe_config
 from datasteer.rows import load_rows
 
 if TYPE_CHECKING:
@@ -52,9 +52,11 @@ __all__ = ["attribute", "finetune", "generate", "inherit", "load_rows", "profile
 
 
 def _config(model: type[M], config: ConfigArg, fields: dict[str, Any]) -> M:
-    """The stage's config from the API's arguments (one mechanism for every stage)."""
+    """The stage's config from the API's arguments: a recipe goes through the CLI's own mechanism
+    (`recipes.recipe_config`), a config object or a dict through `config.coerce`; keyword arguments merge over
+    either."""
     if isinstance(config, (str, Path)):
-        config = load_recipe(config)
+        return recipe_config(model, config, (), fields)
     return coerce(model, config, fields)
 
 

@@ -9,7 +9,7 @@ them through `write_rows` and then `write_card`:
 - `schema_of(rows)` infers one Arrow schema over *all* rows. Readers that infer types from the first block of a
   file (datasets' JSON loader reads 10 MB at a time) see a column that is null for the first teacher and text
   for a later one as null and then fail; the schema here sees every row.
-- JSONL is one compact JSON object per line, key order kept (the same bytes as `runs.dump_rows`); values JSON
+- JSONL is one compact JSON object per line, key order kept (`runs.dump_rows`); values JSON
   cannot hold (NaN, infinities) are written as null, the missing value everywhere in datasteer. Parquet carries
   the explicit schema inside the file.
 - The card (`README.md`) has the YAML header that the Hugging Face Hub and `datasets` read: `configs` name the
@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import io as _bytes_io
 import json
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +35,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from datasteer.errors import InputError
-from datasteer.runs import Run
+from datasteer.runs import Run, dump_rows, json_text
 
 OutputFormat = Literal["jsonl", "parquet"]
 FORMATS: tuple[str, ...] = ("jsonl", "parquet")
@@ -104,7 +103,7 @@ def schema_of(rows: Sequence[dict[str, Any]]) -> pa.Schema:
 
 def _column(values: list[Any], type: pa.DataType) -> pa.Array:
     if isinstance(type, pa.JsonType):
-        text = [None if v is None else json.dumps(_finite(v), ensure_ascii=False) for v in values]
+        text = [None if v is None else json_text(v) for v in values]
         return pa.ExtensionArray.from_storage(type, pa.array(text, pa.string()))
     return pa.array(values, type=type, from_pandas=True)  # from_pandas: NaN is null, as in the JSONL
 
@@ -120,27 +119,8 @@ def table_of(rows: Sequence[dict[str, Any]], schema: pa.Schema | None = None) ->
 
 # ---------------------------------------------------------------- writing
 
-def _finite(value: Any) -> Any:
-    """`value` with NaN and infinities replaced by None (JSON has no such numbers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
-def jsonl_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
-    """Rows as JSONL: the bytes of `runs.dump_rows`, except that NaN and infinities become null."""
-    lines = []
-    for row in rows:
-        try:
-            line = json.dumps(row, ensure_ascii=False, allow_nan=False)
-        except ValueError:
-            line = json.dumps(_finite(row), ensure_ascii=False)
-        lines.append(line.encode("utf-8") + b"\n")
-    return b"".join(lines)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -172,7 +152,7 @@ def write_rows(run: Run, stem: str, rows: Sequence[dict[str, Any]], *, format: s
     """
     name = rows_file(stem, format)
     schema = schema if schema is not None else schema_of(rows)
-    data = parquet_bytes(table_of(rows, schema)) if format == "parquet" else jsonl_bytes(rows)
+    data = parquet_bytes(table_of(rows, schema)) if format == "parquet" else dump_rows(rows)
     run.write_output(name, data)
     return RowsFile(config=stem, file=name, schema=schema, rows=len(rows), bytes=len(data),
                     descriptions=descriptions)

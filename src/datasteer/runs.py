@@ -44,6 +44,7 @@ import errno
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -123,8 +124,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities replaced by None: JSON has no such numbers, and strict readers refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """Valid JSON always: non-finite numbers become null (the common case, all finite, is dumped as it is)."""
+    try:
+        return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(json_safe(obj), indent=indent, ensure_ascii=False)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    atomic_write_text(path, json_text(obj, indent=2) + "\n")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -141,8 +161,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def dump_rows(rows: Iterable[dict[str, Any]]) -> bytes:
-    """Rows as JSONL bytes (one compact JSON object per line, key order kept)."""
-    return b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in rows)
+    """Rows as JSONL bytes (one compact JSON object per line, key order kept; NaN and infinities as null)."""
+    return b"".join(json_text(r).encode("utf-8") + b"\n" for r in rows)
 
 
 # ---------------------------------------------------------------- seeds and provenance
@@ -666,7 +686,7 @@ class Run:
         return path
 
     def write_json(self, name: str, obj: Any) -> Path:
-        return self.write_output(name, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        return self.write_output(name, (json_text(obj, indent=2) + "\n").encode("utf-8"))
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.ensure_created()
