@@ -13,7 +13,7 @@ ROOT = Path(datasteer.__file__).resolve().parent
 
 # Ground floor first; a module may import its own package and anything on a lower floor.
 FLOORS = [
-    {"errors", "progress", "stats", "chat", "secrets"},
+    {"errors", "progress", "stats", "chat", "secrets", "distributed"},
     {"config", "plugins", "plotting", "models", "retry"},
     {"runs", "recipes", "training"},
     {"io", "rows"},

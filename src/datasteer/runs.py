@@ -58,6 +58,7 @@ from typing import Any
 
 from datasteer import secrets
 from datasteer.config import fingerprint
+from datasteer.distributed import is_main_process, launched, rank, world_size
 from datasteer.errors import ConfigError, DatasteerError, OutputError, RunInUseError, RunMismatchError  # noqa: F401
 
 try:
@@ -187,15 +188,6 @@ def file_input(path: str | Path, rows: int | None = None) -> dict[str, Any]:
     if rows is not None:
         info["rows"] = rows
     return info
-
-
-def is_main_process() -> bool:
-    """False on every rank but 0 of a distributed run (torchrun, accelerate launch): those never write."""
-    for variable in ("RANK", "LOCAL_RANK"):
-        value = os.environ.get(variable)
-        if value is not None and value.strip() not in ("", "0"):
-            return False
-    return True
 
 
 def package_versions() -> dict[str, str]:
@@ -495,9 +487,9 @@ class Run:
         rather than have every process do the same work, or worse, part of it.
         """
         path = Path(path)
-        if not distributed and not is_main_process():
-            raise ConfigError(f"`{stage}` runs in one process: launch it without torchrun/accelerate (this is "
-                              f"rank {os.environ.get('RANK') or os.environ.get('LOCAL_RANK')})")
+        if not distributed and launched():
+            raise ConfigError(f"`{stage}` runs in one process: launch it without torchrun/accelerate (this is rank "
+                              f"{rank()} of {world_size()}); see docs/scaling.md for the stages that run on several")
         if not isinstance(config, dict):
             config = fingerprint(config)
         secrets.register_config(config)
