@@ -13,6 +13,13 @@ Reverse pass, from (theta_bar, s_bar) = (grad V(theta_T), 0), for t = T-1 .. 0:
 
 Step 2 stands in for a forward-mode product: the per-example directional derivatives come out of the
 same double backward that forms the Hessian-vector product.
+
+Data parallel: when `torch.distributed` has a process group of several processes (torchrun, `accelerate
+launch`; gloo on CPU, NCCL on GPUs) and every rank calls `train`/`metagradients` with the same arguments, each
+rank takes a contiguous share of every step's examples (micro-batched as configured), and the sums that span
+the batch are all-reduced: g_t and the batch loss after the forward pass of a step, H_t g_bar after its reverse
+step, the scores at the end (each rank fills only its own examples' entries). Every rank then holds the value,
+scores and trained parameters of a one-process run (equal up to the order of floating-point sums).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from datasteer import distributed
 from datasteer.errors import ConfigError, InputError
 from datasteer.metagrad import checkpoint as ckpt
 from datasteer.metagrad.config import TrainingConfig
@@ -121,8 +129,12 @@ class Unroll:
         self.lrs = learning_rates(config, len(self.steps))
         pad = getattr(getattr(model, "config", None), "pad_token_id", None)
         pad = pad if isinstance(pad, int) else 0
-        self.batches: list[list[MicroBatch]] = [micro_batches(self.examples, idx, config, pad, self.device)
-                                                for idx in self.steps]
+        # data parallel: this rank's contiguous share of every step's examples (the whole step in one process)
+        self.world, self.rank = (distributed.world_size(), distributed.rank()) if distributed.active() else (1, 0)
+        self.batches: list[list[MicroBatch]] = [
+            micro_batches(self.examples, [idx[i] for i in distributed.shard(len(idx), self.world, self.rank)],
+                          config, pad, self.device)
+            for idx in self.steps]
         self.losses: dict[int, float] = {}
         self.label, self.hint = "the inner fine-tuning", "training.learning_rate"  # named in a divergence error
         weights = self.weights.detach().to("cpu", torch.float64).abs()
@@ -156,20 +168,29 @@ class Unroll:
     def _scaled(self, batch: MicroBatch, t: int) -> Tensor:
         return self.weights[batch.index.to(self.device)] / len(self.steps[t])
 
-    def gradient(self, params: list[Tensor], t: int) -> list[Tensor]:
-        """g_t at `params`, accumulated over micro-batches, no graph kept; logs the weighted batch loss."""
+    def gradient(self, params: list[Tensor], t: int, record: bool = True) -> list[Tensor]:
+        """g_t at `params`, accumulated over micro-batches (and ranks), no graph kept; logs the weighted batch loss
+        unless `record` is False (the reverse pass, where a rank's kept-graph share of the loss is not summed)."""
         leaves = [p.detach().requires_grad_(True) for p in params]
         grads = [torch.zeros_like(p) for p in params]
-        loss_total = 0.0
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in self.batches[t]:
             loss = (self._scaled(batch, t) * example_losses(self.model, self.tensors(leaves), batch)).sum()
             parts = torch.autograd.grad(loss, leaves, allow_unused=True)
             for g, part in zip(grads, parts):
                 if part is not None:
                     g.add_(part)
-            loss_total += float(loss.detach())
-        self.losses[t] = loss_total
+            loss_total += loss.detach().double()
+        self._reduce(grads, loss_total)
+        if record:
+            self.losses[t] = float(loss_total)
         return grads
+
+    def _reduce(self, grads: list[Tensor], loss: Tensor) -> None:
+        """Sum a step's gradient and loss over the ranks (one process: nothing to do). Every rank calls this with
+        the same layout, whichever path got its share of the gradient."""
+        if self.world > 1:
+            distributed.all_reduce_sum([*grads, loss])
 
     def forward_step(self, state: TrainState, t: int) -> TrainState:
         grads = self.gradient(state.params, t)
@@ -205,15 +226,20 @@ class Unroll:
         kept = self._first_order(batches[0], t, leaves) if len(batches) == 1 else None
         if kept is not None:
             grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(kept[1], leaves)]
+            if self.world > 1:  # reduced into copies: the kept graph still needs this rank's own gradient
+                grads = [g.clone() for g in grads]
+                self._reduce(grads, torch.zeros((), dtype=torch.float64, device=self.device))
         else:
-            grads = self.gradient(state.params, t)
+            grads = self.gradient(state.params, t, record=False)
 
         # 1. VJP of the optimizer update
         adj_params, adj_slots, adj_grads = self.optimizer.vjp(state.params, state.slots, grads, self.lrs[t], t,
                                                               adjoint.params, adjoint.slots)
         del grads
 
-        # 2. per-example scores and the Hessian-vector product, one micro-batch at a time
+        # 2. per-example scores and the Hessian-vector product, one micro-batch at a time (data parallel: this
+        # rank's share of H_t g_bar is summed apart, then over the ranks)
+        hvp = adj_params if self.world == 1 else [torch.zeros_like(p) for p in adj_params]
         for batch in batches:
             u, first = kept if kept is not None else self._first_order(batch, t, leaves)
             kept = None
@@ -224,8 +250,12 @@ class Unroll:
             scores.index_add_(0, batch.index, second[0].detach().to("cpu", torch.float64) / size)
             for j, h in enumerate(second[1:]):
                 if h is not None:
-                    adj_params[j].add_(h.detach())
+                    hvp[j].add_(h.detach())
             del first, second, terms
+        if hvp is not adj_params:
+            distributed.all_reduce_sum(hvp)
+            for a, h in zip(adj_params, hvp):
+                a.add_(h)
         self._tick()
         return TrainState(adj_params, adj_slots)
 
@@ -286,12 +316,16 @@ def metagradients(model: torch.nn.Module, examples: Sequence[Mapping[str, Any]],
             ckpt.run_replay(s0, total, chosen.k, unroll.forward_step, final, back, ledger)
         else:
             ckpt.run_disk(s0, total, unroll.forward_step, final, back, ledger, config.checkpoint_dir)
+        if unroll.world > 1:  # each rank holds its own examples' scores, zeros elsewhere
+            reduced = scores.to(unroll.device)
+            distributed.all_reduce_sum([reduced])
+            scores = reduced.to("cpu", torch.float64)
         if not torch.isfinite(scores).all():
             bad = int((~torch.isfinite(scores)).sum())
             raise InputError(f"{bad} metagradient scores are NaN or infinite; lower the learning rate or use float64")
         elapsed = time.perf_counter() - clock["start"]
         stats = {"strategy": chosen.strategy, "replay_k": chosen.k, "steps": total, "peak_states": ledger.peak,
-                 "state_bytes": state_bytes, "forward_steps": ledger.forward_steps,
+                 "state_bytes": state_bytes, "forward_steps": ledger.forward_steps, "world_size": unroll.world,
                  "seconds": elapsed, "forward_seconds": clock.get("forward", math.nan)}
     return MetagradResult(box["value"], scores, unroll.tensors(box["params"], with_buffers=False),
                           [unroll.losses[t] for t in range(total)], stats)
