@@ -117,3 +117,11 @@ def shard(n: int, parts: int, index: int) -> range:
     base, extra = divmod(n, parts)
     start = index * base + min(index, extra)
     return range(start, start + base + (1 if index < extra else 0))
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing to wait for in one process)."""
+    if active():
+        import torch.distributed as dist
+
+        dist.barrier()

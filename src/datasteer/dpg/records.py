@@ -74,8 +74,12 @@ class StepLogger:
 
     def __init__(self, arm: str, grpo: GRPOSpec, every: int, records: StepRecords,
                  validate: Callable[[int, torch.nn.Module], dict[str, Any]], untrained: Callable[[], dict[str, float]],
-                 path: Path, done_step: int, say: Callable[[str], None] | None):
+                 path: Path, done_step: int, say: Callable[[str], None] | None, writes: bool = True):
         self.arm, self.grpo, self.every, self.records = arm, grpo, every, records
+        # on several processes every rank validates (the target's fine-tuning is data parallel) and only the main
+        # process writes and prints
+        self.writes = writes
+        say = say if writes else None
         self.validate, self.untrained, self.path, self.done_step, self.say = validate, untrained, path, done_step, say
         self.batch = grpo.prompts_per_step * grpo.num_generations
         self.started = time.perf_counter()
@@ -84,7 +88,8 @@ class StepLogger:
         if self.done_step == 0:  # the untrained generator: the baseline every curve starts from
             row = {"step": 0, "examples_seen": 0, "untrained": self.untrained()}
             row["validation"] = self.validate(0, model)
-            append_jsonl(self.path, row)
+            if self.writes:
+                append_jsonl(self.path, row)
 
     def on_step_end(self, step: int, model: torch.nn.Module) -> None:
         # with num_iterations > 1, TRL takes that many optimizer steps on each batch of rollouts
@@ -92,7 +97,8 @@ class StepLogger:
         row = {"step": step, "examples_seen": batches * self.batch, **self.records.latest()}
         if step % self.every == 0 or step == self.grpo.max_steps:
             row["validation"] = self.validate(step, model)
-        append_jsonl(self.path, row)
+        if self.writes:
+            append_jsonl(self.path, row)
         if self.say is not None:
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(step - self.done_step, 1) * (self.grpo.max_steps - step)

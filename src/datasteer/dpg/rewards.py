@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from datasteer import distributed
 from datasteer.dpg.records import StepRecords
 from datasteer.errors import InputError
 from datasteer.metagrad import Target, TrainingConfig, metagradients, train
@@ -147,10 +148,18 @@ class RewardFunction:
 
     def __call__(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
                  **kwargs: Any) -> list[float]:
+        """On several processes TRL hands each its own slice of the step's rollouts; a reward depends on the whole
+        batch the target trains on, so every process gathers the global batch (in process order, which is TRL's
+        order of the gathered rewards), computes its rewards (the metagradients data parallel) and returns its
+        own slice."""
+        parts = distributed.all_gather_objects([list(ids) for ids in completion_ids])
+        start = sum(len(part) for part in parts[:distributed.rank()]) if len(parts) > 1 else 0
+        everyone = [ids for part in parts for ids in part]
         try:
-            return self._rewards(completion_ids)
+            advantages = self._rewards(everyone)
         except TrainingDivergedError as err:  # say which arm's rewards it was
             raise TrainingDivergedError(f"{self.arm} arm, rewards: {err}") from None
+        return advantages[start:start + len(completion_ids)]
 
     def _rewards(self, completion_ids: list[list[int]]) -> list[float]:
         start = time.perf_counter()

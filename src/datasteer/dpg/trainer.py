@@ -18,6 +18,12 @@ divides by std + 1e-4, which would flatten them), the naive baseline over the wh
 leaves them unchanged (for the naive arm each group holds one rollout of every split, so its group mean is the
 batch mean). Everything else (sampling, the clipped surrogate, KL, LoRA, vLLM, checkpoints) is TRL's.
 
+Several processes (`accelerate launch`, torchrun): every process runs the recipe; TRL splits each step's
+rollouts over them, the reward function gathers the global batch (a reward depends on the whole batch the
+target trains on) and the target's fine-tuning runs data parallel (`datasteer.metagrad`); validation runs on
+every rank alike, and only the main process writes files or prints. Every rollout is sampled from its own
+stream keyed by (seed, step, row) (`sampling`), so a run on N processes trains on the rollouts of a run on one.
+
 Resume: a killed run started again continues from its last checkpoint; metrics rows after that checkpoint are
 dropped and recomputed, so the finished metrics equal an uninterrupted run's (TRL restores the generator,
 optimizer, RNG states and the position in the data order; validation runs under a forked RNG seeded from the
@@ -30,6 +36,7 @@ finish.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +45,14 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 
+from datasteer import distributed
 from datasteer.dpg.config import DPGConfig
 from datasteer.dpg.generator import check_generator, restrict_alphabet, use_chat
 from datasteer.dpg.grpo import grpo_arguments, grpo_trainer, prompt_dataset
 from datasteer.dpg.records import METRICS, SLICES, StepLogger, StepRecords, read_jsonl, truncate_jsonl
 from datasteer.dpg.report import write_dpg_report
 from datasteer.dpg.rewards import InnerLoop, RewardFunction
+from datasteer.dpg.sampling import key_rollouts
 from datasteer.dpg.validation import Validator
 from datasteer.errors import ConfigError, InputError
 from datasteer.io import Prompt, PromptsConfig, describe_input, read_prompts
@@ -114,9 +123,14 @@ def check_config(config: DPGConfig, prompts: list[Prompt]) -> None:
     grpo, batch_size = config.grpo, config.training.batch_size
     if len(prompts) < grpo.prompts_per_step:
         raise InputError(f"{len(prompts)} training prompts but prompts_per_step is {grpo.prompts_per_step}")
-    if (grpo.prompts_per_step * grpo.num_generations) % batch_size:
-        raise ConfigError(f"the {grpo.prompts_per_step * grpo.num_generations} rollouts of a step do not split into "
+    rollouts = grpo.prompts_per_step * grpo.num_generations
+    if rollouts % batch_size:
+        raise ConfigError(f"the {rollouts} rollouts of a step do not split into "
                           f"inner batches of {batch_size} (each rollout is used in exactly one inner step)")
+    processes = distributed.world_size()
+    if rollouts % processes:
+        raise ConfigError(f"the {rollouts} rollouts of a step do not split over {processes} processes; make "
+                          "grpo.prompts_per_step x grpo.num_generations a multiple of the number of processes")
 
 
 # ---------------------------------------------------------------- one arm: set up, train, finish
@@ -146,7 +160,7 @@ def prepare_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], h
     return Run.prepare(out, stage=f"dpg-{arm}", config=arm_config,
                        inputs={"prompts": describe_input(config.prompts, prompts),
                                "held_out": [p.prompt for p in held_out]},
-                       seed=config.seed, overwrite=overwrite)
+                       seed=config.seed, overwrite=overwrite, distributed=True)
 
 
 def restart_point(run: Run, out: Path) -> Path | None:
@@ -154,8 +168,9 @@ def restart_point(run: Run, out: Path) -> Path | None:
     fresh start: step 0 is validated again)."""
     resume = latest_checkpoint(out / CHECKPOINTS) if run.exists else None
     run.ensure_created()
-    for name in (METRICS, SLICES):
-        truncate_jsonl(out / name, _step(resume) if resume else -1)
+    if run.writes:
+        for name in (METRICS, SLICES):
+            truncate_jsonl(out / name, _step(resume) if resume else -1)
     return resume
 
 
@@ -164,20 +179,24 @@ def _step(checkpoint: Path) -> int:
 
 
 def arm_trainer(config: DPGConfig, arm: str, out: Path, models: ArmModels, prompts: list[Prompt],
-                held_out: list[Prompt], done_step: int, say: Callable[[str], None] | None) -> Any:
+                held_out: list[Prompt], done_step: int, say: Callable[[str], None] | None, writes: bool) -> Any:
     """GRPOTrainer for one arm: the reward function hands each batch's record to the step logger through
-    `records`; the step logger validates and writes the metrics rows."""
+    `records`; the step logger validates and writes the metrics rows (`writes`: on the main process only)."""
     system = config.generator.system_prompt
-    args = grpo_arguments(config.grpo, out / CHECKPOINTS, config.seed, config.save_steps, models.generator)
+    args = grpo_arguments(config.grpo, out / CHECKPOINTS, config.seed, config.save_steps, models.generator,
+                          distributed.world_size())
     peft_config = config.generator.lora.peft_config() if config.generator.lora is not None else None
     records = StepRecords()
     reward = RewardFunction(arm, config.grpo.num_generations, models.inner, models.tokenizer, records)
     validator = Validator(config, [p.prompt for p in held_out], models.chat, models.tokenizer, models.inner,
-                          out / SLICES)
+                          out / SLICES, writes)
     logger = StepLogger(arm, config.grpo, config.validation.every, records, validator, validator.untrained,
-                        out / METRICS, done_step, say)
-    return grpo_trainer(args, models.generator, models.tokenizer, prompt_dataset(prompts, models.chat, system),
-                        reward, peft_config, logger)
+                        out / METRICS, done_step, say, writes)
+    trainer = grpo_trainer(args, models.generator, models.tokenizer, prompt_dataset(prompts, models.chat, system),
+                           reward, peft_config, logger)
+    key_rollouts(models.generator, config.seed, lambda: (getattr(trainer, "generation_config", None),
+                                                         trainer.state.global_step, trainer.accelerator.process_index))
+    return trainer
 
 
 def run_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], held_out: list[Prompt], *,
@@ -189,16 +208,17 @@ def run_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], held_
     models = load_models(config)
     resume = restart_point(run, out)
     trainer = arm_trainer(config, arm, out, models, prompts, held_out, _step(resume) if resume else 0,
-                          console.print if progress else None)
+                          console.print if progress else None, run.writes)
     # train
-    if progress and resume:
+    if progress and resume and run.writes:
         console.print(f"{arm}: resuming from {resume.name}")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # finish
     model_dir = out / "model"
-    if model_dir.exists():
+    if model_dir.exists() and run.writes:
         shutil.rmtree(model_dir)
-    trainer.save_model(str(model_dir))
+    trainer.save_model(str(model_dir))  # the main process saves (Trainer's own rule)
+    distributed.barrier()  # every rank reads the files the main process wrote
     rows, slices = read_jsonl(out / METRICS), read_jsonl(out / SLICES)
     run.finish({"steps": config.grpo.max_steps, "final_validation": rows[-1].get("validation") if rows else None,
                 "model": "model", "metrics": METRICS})
@@ -211,12 +231,13 @@ def dpg(config: DPGConfig, out: str | Path, *, overwrite: bool = False, progress
         console: Console | None = None) -> DPGResult:
     """Run every arm of `config` into `out` (rerun to resume), then plots and the report."""
     console = console or Console(stderr=True)
+    progress = progress and distributed.is_main_process()  # on several processes, the main one prints
     out = Path(out)
     prompts, held_out = _prompts(config)
     check_config(config, prompts)
     # the top directory is a run of its own (stage "dpg"): the arms are its sub-runs, and it is locked while in use
     top = Run.prepare(out, stage="dpg", config=config, inputs={"prompts": describe_input(config.prompts, prompts)},
-                      seed=config.seed, overwrite=overwrite)
+                      seed=config.seed, overwrite=overwrite, distributed=True)
     created_now = not top.exists
     top.ensure_created()
     batch = config.grpo.prompts_per_step * config.grpo.num_generations
@@ -228,10 +249,14 @@ def dpg(config: DPGConfig, out: str | Path, *, overwrite: bool = False, progress
             arms.append(run_arm(config, arm, out / arm, prompts, held_out, overwrite=overwrite, progress=progress,
                                 console=console))
     except BaseException:
-        if created_now and {p.name for p in out.iterdir()} <= {"manifest.json", ".lock"}:
+        if created_now and top.writes and {p.name for p in out.iterdir()} <= {"manifest.json", ".lock"}:
             top.release()  # a failure before any arm wrote leaves no directory behind
         raise
-    report, summary = write_dpg_report(config, out, arms)
-    top.write_json(RESULTS, summary)
-    top.finish({"report": report.name, "results": RESULTS})
+    if top.writes:
+        report, summary = write_dpg_report(config, out, arms)
+        top.write_json(RESULTS, summary)
+        top.finish({"report": report.name, "results": RESULTS})
+    distributed.barrier()
+    if not top.writes:  # the other ranks return what the main process wrote
+        report, summary = out / "report.md", json.loads((out / RESULTS).read_text(encoding="utf-8"))
     return DPGResult(out, report, arms, summary)

@@ -73,9 +73,9 @@ class Validator:
     fine-tuning."""
 
     def __init__(self, config: DPGConfig, prompts: list[str], chat: bool, tokenizer: Any, inner: InnerLoop,
-                 slices_path: Path):
+                 slices_path: Path, writes: bool = True):
         self.config, self.prompts, self.chat, self.tokenizer = config, prompts, chat, tokenizer
-        self.inner, self.slices_path = inner, slices_path
+        self.inner, self.slices_path, self.writes = inner, slices_path, writes
 
     def untrained(self) -> dict[str, float]:
         model = self.inner.model
@@ -84,6 +84,6 @@ class Validator:
 
     def __call__(self, step: int, model: torch.nn.Module) -> dict[str, Any]:
         record, delta = validate(model, self.tokenizer, self.prompts, self.chat, self.config, self.inner, step)
-        if delta is not None:
+        if delta is not None and self.writes:
             append_jsonl(self.slices_path, {"step": step, "delta": delta})
         return record
