@@ -65,3 +65,35 @@ def test_two_gloo_ranks_equal_one_process(case, two_ranks, one_process):
     first, second = two_ranks
     assert torch.equal(first[case]["scores"], second[case]["scores"])
     assert all(torch.equal(first[case]["params"][n], second[case]["params"][n]) for n in first[case]["params"])
+
+
+def test_attribute_under_torchrun_writes_once_the_scores_of_one_process(tmp_path):
+    """`datasteer attribute` joins the launcher's process group itself; 2 ranks score like one process."""
+    import json
+
+    held = "the quick brown fox jumps over the lazy dog"
+    rows = [{"text": held}, {"text": "zebra quantum yellow seventeen marmalade"},
+            {"prompt": "Name an animal.", "completion": "A fox, quick and brown."},
+            {"text": "dogs and foxes are lazy and quick"}, {"text": "a fox"}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "held.txt").write_text(held + "\n")
+    args = ["attribute", str(data), "--eval-texts", str(tmp_path / "held.txt"), "--model", "tiny:gpt2", "-q",
+            "--set", "training.optimizer=adamw", "--set", "training.learning_rate=0.01",
+            "--set", "training.batch_size=3", "--set", "training.epochs=2", "--set", "training.dtype=float64"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    one = subprocess.run([sys.executable, "-m", "datasteer", *args, "--out", str(tmp_path / "one.jsonl")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          "-m", "datasteer", *args, "--out", str(tmp_path / "two.jsonl")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    scores = {n: torch.tensor([json.loads(line)["metagrad"] for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()])
+              for n in ("one", "two")}
+    assert close(scores["two"], scores["one"]) <= REL
+    meta = json.loads((tmp_path / "two.jsonl.meta.json").read_text())
+    assert meta["stats"]["world_size"] == 2 and meta["rows"] == len(rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held.txt", "one.jsonl", "one.jsonl.meta.json", "rows.jsonl",
+                                                         "two.jsonl", "two.jsonl.meta.json"]  # no stray files

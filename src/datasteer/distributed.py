@@ -125,3 +125,21 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def init_from_launcher(device: str | None = None) -> str | None:
+    """Join the process group a launcher (torchrun, `accelerate launch`) set up in the environment, once: NCCL when
+    the work runs on CUDA, gloo otherwise. Returns the device this rank should use (`cuda:LOCAL_RANK` on CUDA, the
+    given device otherwise); nothing to do outside a launch."""
+    if not launched():
+        return device
+    import torch
+    import torch.distributed as dist
+
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda:
+        device = f"cuda:{_env_int('LOCAL_RANK') or 0}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from datasteer import distributed
 from datasteer.chat import tokenize_row
 from datasteer.errors import ConfigError, InputError
 from datasteer.io import read_rows, read_texts
@@ -130,7 +131,10 @@ def check_output(config: AttributeConfig, out: Path, rows: list[dict[str, Any]],
 def attribute(config: AttributeConfig, out: str | Path, progress: bool = True,
               overwrite: bool = False) -> AttributeResult:
     """Score every row of `config.input` into the rows file `out` (plus `out`.meta.json). Refuses to write over its
-    input, over an existing column, or (without `overwrite`) over an existing file."""
+    input, over an existing column, or (without `overwrite`) over an existing file.
+
+    Under torchrun or `accelerate launch` every rank joins the launcher's process group (gloo on CPU, NCCL on
+    CUDA, one GPU per rank), the metagradients run data parallel, and the main process alone writes."""
     out = Path(out)
     rows = read_rows(config.input)
     if not rows:
@@ -141,7 +145,9 @@ def attribute(config: AttributeConfig, out: str | Path, progress: bool = True,
                          "or a custom --metric package.module:function")
     metric_fn = load_function(config.metric, "attribution metric") if config.metric else None
     texts = read_texts(config.eval_texts, config.text_field) if config.eval_texts else None
-    loaded = load_model(config.model, dtype=config.training.dtype, device=config.device, attn_implementation="eager")
+    device = distributed.init_from_launcher(config.device)
+    progress = progress and distributed.is_main_process()
+    loaded = load_model(config.model, dtype=config.training.dtype, device=device, attn_implementation="eager")
     examples = rows_to_examples(rows, loaded.tokenizer, config, config.input)
     device = next(loaded.model.parameters()).device
     metric = metric_fn if metric_fn is not None else heldout_loss_metric(texts or [], loaded.tokenizer,
@@ -156,9 +162,11 @@ def attribute(config: AttributeConfig, out: str | Path, progress: bool = True,
         result = metagradients(loaded.model, examples, metric, config.training, progress=report)
     seconds = time.perf_counter() - start
     scored = [{**row, config.column: float(score)} for row, score in zip(rows, result.scores.tolist())]
-    atomic_write_json(meta_path(out), {
-        "value": result.value, "metric": config.metric or f"-heldout_loss({config.eval_texts})",
-        "column": config.column, "rows": len(rows), "seconds": seconds, "stats": result.stats,
-        "train_losses": result.losses, "config": json.loads(config.model_dump_json())})
-    atomic_write_bytes(out, dump_rows(scored))
+    if distributed.is_main_process():
+        atomic_write_json(meta_path(out), {
+            "value": result.value, "metric": config.metric or f"-heldout_loss({config.eval_texts})",
+            "column": config.column, "rows": len(rows), "seconds": seconds, "stats": result.stats,
+            "train_losses": result.losses, "config": json.loads(config.model_dump_json())})
+        atomic_write_bytes(out, dump_rows(scored))
+    distributed.barrier()
     return AttributeResult(len(rows), result.value, out, seconds, result.stats)
