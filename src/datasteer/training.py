@@ -3,16 +3,21 @@
 - `LoraSpec`: peft's LoraConfig arguments, under peft's names, any other peft argument passed through;
 - `trl_arguments`: datasteer's settings plus a recipe's `trl:` section (any other TRL config argument,
   checked against the TRL config class before a model loads);
-- `latest_checkpoint`, `progress_callback`, `quiet_trainer`: resume and progress the same way everywhere;
+- `latest_checkpoint`, `checkpoint_world_size`, `progress_callback`, `quiet_trainer`: resume and progress the same
+  way everywhere (a checkpoint counts once its `trainer_state.json`, the last file the Trainer writes, reads back);
 - `TrainingDivergedError`, `check_loss`, `check_parameters`, `divergence_callback`: a run whose loss, gradient
   or weights stop being finite (a learning rate far too high) stops with a one-line error naming the step,
-  before anything downstream (a checkpoint, a published model, a profile) consumes NaN weights.
+  before anything downstream (a checkpoint, a published model, a profile) consumes NaN weights. Under
+  torchrun/accelerate the weight check reads each process's own shard (FSDP, DeepSpeed ZeRO-3) and the processes
+  agree on the verdict, so that all of them stop together rather than some waiting forever for the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from datasteer.config import StrictModel
+from datasteer.distributed import active, all_gather_objects
 from datasteer.errors import ConfigError, TrainingDivergedError
 from datasteer.models import first_nonfinite
 
@@ -94,9 +100,22 @@ def check_loss(value: Any, label: str, step: int, hint: str, limit: float | None
         raise diverged(label, step, f"{name} exploded to {value:.4g}", hint)
 
 
-def check_parameters(named: Iterable[tuple[str, Any]], label: str, step: int, hint: str) -> None:
-    """Weights with a NaN or an infinity are a TrainingDivergedError naming the step and the first bad tensor."""
-    bad = first_nonfinite(named)
+def _local_part(tensor: Any) -> Any:
+    """What this process holds of a parameter: an FSDP2 DTensor's local shard, a DeepSpeed ZeRO-3 partition, or the
+    tensor itself."""
+    if hasattr(tensor, "to_local"):
+        return tensor.to_local()
+    return getattr(tensor, "ds_tensor", tensor)
+
+
+def check_parameters(named: Iterable[tuple[str, Any]], label: str, step: int, hint: str, *,
+                     across_ranks: bool = False) -> None:
+    """Weights with a NaN or an infinity are a TrainingDivergedError naming the step and the first bad tensor.
+    `across_ranks` (code that runs on every process of a launch, such as a Trainer's callbacks): each process checks
+    the part it holds and all of them raise, or none; a collective, so every process must call it at that point."""
+    bad = first_nonfinite((name, _local_part(t)) for name, t in named)
+    if across_ranks and active():
+        bad = next((b for b in all_gather_objects(bad) if b is not None), None)
     if bad is not None:
         raise diverged(label, step, f"parameter {bad} holds NaN or infinite values", hint)
 
@@ -105,7 +124,8 @@ def divergence_callback(label: str, hint: str, loss_limit: float | None = None) 
     """A TrainerCallback that stops training with a TrainingDivergedError: a non-finite (or above `loss_limit`)
     logged loss or gradient norm at every log, non-finite trainable weights before every checkpoint and after the
     last step. It reads values only. Needs `logging_nan_inf_filter=False` (else transformers logs a NaN loss as
-    the window's mean) and logging every step to name the step exactly."""
+    the window's mean) and logging every step to name the step exactly. Under torchrun/accelerate every process
+    runs it: the logged values are already averaged over processes, and the weight check agrees across them."""
     from transformers import TrainerCallback
 
     class Divergence(TrainerCallback):
@@ -119,16 +139,40 @@ def divergence_callback(label: str, hint: str, loss_limit: float | None = None) 
             if model is not None and (control.should_save or control.should_training_stop
                                       or state.global_step >= state.max_steps):
                 check_parameters(((n, p) for n, p in model.named_parameters() if p.requires_grad), label,
-                                 state.global_step, hint)
+                                 state.global_step, hint, across_ranks=True)
 
     return Divergence()
 
 
+def _readable_state(checkpoint: Path) -> bool:
+    """Whether `trainer_state.json` is there and whole: the Trainer writes it last (not atomically), after the
+    weights, optimizer, scheduler and RNG states."""
+    try:
+        return isinstance(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete `checkpoint-N` of a Trainer's output directory (None: nothing to resume)."""
+    """The newest complete `checkpoint-N` of a Trainer's output directory (None: nothing to resume). A checkpoint
+    cut off by a kill (no readable trainer_state.json) is passed over: the Trainer deletes the previous one only
+    after writing that file, so the previous one is still there."""
     found = [(int(p.name.split("-")[-1]), p) for p in Path(folder).glob("checkpoint-*")
-             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+             if p.name.split("-")[-1].isdigit() and _readable_state(p)]
     return max(found)[1] if found else None
+
+
+_RNG_FILE = re.compile(r"rng_state_(\d+)\.pth")
+
+
+def checkpoint_world_size(checkpoint: Path) -> int | None:
+    """How many processes wrote a Trainer checkpoint, from its RNG files (`rng_state.pth` in one process,
+    `rng_state_<rank>.pth` per process under torchrun/accelerate); None when it holds none (save_only_model)."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "rng_state.pth").is_file():
+        return 1
+    ranks = [int(m.group(1)) for p in checkpoint.glob("rng_state_*.pth") if (m := _RNG_FILE.fullmatch(p.name))]
+    return max(ranks) + 1 if ranks else None
 
 
 def quiet_trainer(trainer: Any) -> None:
