@@ -248,7 +248,7 @@ def test_two_processes_write_once_and_train_like_one_with_the_same_global_batch(
                        tmp_path / "one", progress=False)
     one_info = json.loads((one_run.run_dir / "training.json").read_text())
     assert (one_info["world_size"], one_info["global_batch_size"], one_info["steps"]) == (1, 2, 32)
-    # the same sums in another order: float32 rounding (measured: losses within 2e-6 relative, weights 2e-7)
+    # the same sums in another order: float32 rounding (measured: losses 1.9e-7 relative, weights 1.4e-7 absolute)
     losses = torch.tensor([e["loss"] for e in info["log"]])
     one_losses = torch.tensor([e["loss"] for e in one_info["log"]])
     assert torch.allclose(losses, one_losses, rtol=1e-5, atol=0), (losses - one_losses).abs().max()
