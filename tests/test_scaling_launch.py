@@ -41,9 +41,12 @@ def test_a_one_process_stage_under_torchrun_refuses_on_every_rank(tmp_path):
     ({"RANK": "1", "WORLD_SIZE": "2"}, True, False),
     ({"LOCAL_RANK": "1"}, True, False),
     ({"WORLD_SIZE": "1", "RANK": "0"}, False, True),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2"}, True, False),  # an MPI launch
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, True, True),
 ])
 def test_launcher_facts_from_the_environment(monkeypatch, env, launched, main):
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK",
+                 "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -15,7 +15,10 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-_RANK_VARIABLES = ("RANK", "LOCAL_RANK")
+# torchrun and accelerate's torchrun launcher set RANK/LOCAL_RANK/WORLD_SIZE; MPI launchers (accelerate's multi-CPU
+# path with a hostfile) set PMI_* or OMPI_COMM_WORLD_*
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 
 
 def _env_int(name: str) -> int | None:
@@ -40,7 +43,11 @@ def world_size() -> int:
         import torch.distributed as dist
 
         return dist.get_world_size()
-    return _env_int("WORLD_SIZE") or 1
+    for variable in _SIZE_VARIABLES:
+        value = _env_int(variable)
+        if value:
+            return value
+    return 1
 
 
 def rank() -> int:
