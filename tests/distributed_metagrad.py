@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
-
-from datasteer.metagrad import TrainingConfig, metagradients, train
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from datasteer.metagrad import TrainingConfig, metagradients, train
 from tests.test_metagrad import HELD, VOCAB, make_examples, tiny_gpt2, tiny_llama
 
 

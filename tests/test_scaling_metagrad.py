@@ -90,7 +90,8 @@ def test_attribute_under_torchrun_writes_once_the_scores_of_one_process(tmp_path
                           "-m", "datasteer", *args, "--out", str(tmp_path / "two.jsonl")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    scores = {n: torch.tensor([json.loads(line)["metagrad"] for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()])
+    scores = {n: torch.tensor([json.loads(line)["metagrad"]
+                               for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()])
               for n in ("one", "two")}
     assert close(scores["two"], scores["one"]) <= REL
     meta = json.loads((tmp_path / "two.jsonl.meta.json").read_text())

@@ -175,6 +175,22 @@ def checkpoint_world_size(checkpoint: Path) -> int | None:
     return max(ranks) + 1 if ranks else None
 
 
+def whole_checkpoints(trainer: Any) -> None:
+    """Make a checkpoint count only once every process has written its part. The Trainer has each process save its
+    RNG state, then the main process writes trainer_state.json (what marks a checkpoint complete) and deletes the
+    older checkpoint, with no barrier in between: a kill there could leave the only checkpoint without another
+    process's RNG state. All processes now wait after saving theirs."""
+    save_rng = getattr(trainer, "_save_rng_state", None)
+    if save_rng is None or trainer.args.world_size <= 1:
+        return
+
+    def save_rng_then_wait(output_dir: str) -> None:
+        save_rng(output_dir)
+        trainer.accelerator.wait_for_everyone()
+
+    trainer._save_rng_state = save_rng_then_wait
+
+
 def quiet_trainer(trainer: Any) -> None:
     """Drop transformers' printer callback (raw log dicts on stdout): datasteer's progress replaces it."""
     from transformers.trainer_callback import PrinterCallback

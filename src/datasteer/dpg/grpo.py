@@ -18,7 +18,14 @@ from datasteer.chat import chat_messages, plain_prompt
 from datasteer.dpg.config import GRPOSpec
 from datasteer.errors import ConfigError
 from datasteer.io import Prompt
-from datasteer.training import check_loss, check_parameters, check_trl_section, quiet_trainer, trl_arguments
+from datasteer.training import (
+    check_loss,
+    check_parameters,
+    check_trl_section,
+    quiet_trainer,
+    trl_arguments,
+    whole_checkpoints,
+)
 
 SET_BY_DATASTEER = (
     "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
@@ -52,7 +59,8 @@ def grpo_arguments(grpo: GRPOSpec, output_dir: Path, seed: int, save_steps: int,
     param = next(generator.parameters())
     owned = dict(
         **grpo.model_dump(exclude=set(OWN_FIELDS)),
-        output_dir=str(output_dir), per_device_train_batch_size=grpo.prompts_per_step * grpo.num_generations // processes,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=grpo.prompts_per_step * grpo.num_generations // processes,
         gradient_accumulation_steps=1, steps_per_generation=1, scale_rewards="none",
         save_strategy="steps", save_steps=save_steps, save_only_model=False, seed=seed, data_seed=seed,
         use_cpu=param.device.type == "cpu", bf16=param.dtype == torch.bfloat16, fp16=param.dtype == torch.float16,
@@ -116,4 +124,5 @@ def grpo_trainer(args: Any, generator: torch.nn.Module, tokenizer: Any, dataset:
     trainer = GRPOTrainer(model=generator, reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[step_callback(hooks)])
     quiet_trainer(trainer)
+    whole_checkpoints(trainer)  # on several processes a checkpoint counts once every rank saved its part
     return trainer

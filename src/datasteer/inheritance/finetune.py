@@ -60,6 +60,7 @@ from datasteer.training import (
     progress_callback,
     quiet_trainer,
     trl_arguments,
+    whole_checkpoints,
 )
 
 log = logging.getLogger("datasteer.finetune")
@@ -335,22 +336,6 @@ def resume_point(run: Run, checkpoints: Path, processes: int, config: FinetuneSe
     return Path(path) if path else None
 
 
-def _whole_checkpoints(trainer: Any) -> None:
-    """Make a checkpoint count only once every process has written its part. The Trainer has each process save its
-    RNG state, then the main process writes trainer_state.json (what marks a checkpoint complete) and deletes the
-    older checkpoint, with no barrier in between: a kill there could leave the only checkpoint without another
-    process's RNG state. All processes now wait after saving theirs."""
-    save_rng = getattr(trainer, "_save_rng_state", None)
-    if save_rng is None or trainer.args.world_size <= 1:
-        return
-
-    def save_rng_then_wait(output_dir: str) -> None:
-        save_rng(output_dir)
-        trainer.accelerator.wait_for_everyone()
-
-    trainer._save_rng_state = save_rng_then_wait
-
-
 def _warn_single_process_accelerate() -> None:
     """`accelerate launch --cpu --num_processes N` starts ONE process (its simple launcher hands N to mpirun only,
     accelerate issue #2741); it leaves MASTER_PORT set and no WORLD_SIZE. Say so instead of training alone quietly."""
@@ -417,7 +402,7 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
                          processing_class=tokenizer, peft_config=peft_config)
     quiet_trainer(trainer)
-    _whole_checkpoints(trainer)
+    whole_checkpoints(trainer)
     # train
     start = time.perf_counter()
     trainer.add_callback(divergence_callback("finetune", LR_HINT, EXPLODED_LOSS))
