@@ -107,3 +107,48 @@ def test_a_rows_tokens_do_not_depend_on_the_rest_of_its_batch():
     assert torch.equal(whole, torch.cat(halves))
     other_step = KeyedSampler(seed=1, step=4, first=0, config=config)(torch.zeros((4, 2), dtype=torch.long), scores)
     assert not torch.equal(whole, other_step)
+
+
+@pytest.mark.slow
+def test_two_processes_killed_resume_to_the_metrics_of_one(tmp_path):
+    """SIGKILL a 2-process launch after a checkpoint, start it again: it resumes (every rank from the same
+    checkpoint, the main process truncating the metrics) and ends with an uninterrupted one-process run's rows."""
+    import time
+
+    from datasteer.dpg.trainer import read_jsonl
+    from tests.test_scaling_finetune import _kill_launch
+
+    data = recipe(tmp_path)
+    data["grpo"]["max_steps"] = 6
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = cli_env(OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, "-m", "datasteer", "dpg", str(path), "--out", str(tmp_path / "one"),
+                             "-q"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+
+    def launch() -> list[str]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()),
+                "-m", "datasteer", "dpg", str(path), "--out", str(tmp_path / "two"), "-q"]
+
+    proc = subprocess.Popen(launch(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    metrics = tmp_path / "two" / "dpg" / "metrics.jsonl"
+    killed_at, deadline = None, time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        rows = read_jsonl(metrics)
+        if (tmp_path / "two" / "dpg" / "checkpoints" / "checkpoint-2").is_dir() and rows and rows[-1]["step"] >= 3:
+            _kill_launch(proc)
+            killed_at = rows[-1]["step"]
+            break
+        time.sleep(0.01)
+    assert killed_at is not None and killed_at < 6, "the launch finished before it could be killed"
+    time.sleep(1)  # the killed workers' lock goes with them
+    again = subprocess.run(launch(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = {n: read_jsonl(tmp_path / n / "dpg" / "metrics.jsonl") for n in ("one", "two")}
+    assert [r["step"] for r in rows["two"]] == list(range(7))
+    for a, b in zip(rows["two"], rows["one"]):
+        _numbers_close(a, b)
