@@ -15,7 +15,7 @@ ROOT = Path(datasteer.__file__).resolve().parent
 FLOORS = [
     {"errors", "progress", "stats", "chat", "secrets", "distributed"},
     {"config", "plugins", "plotting", "models", "retry"},
-    {"runs", "recipes", "training"},
+    {"runs", "recipes", "training", "engines"},
     {"io", "rows"},
     {"generation", "metagrad"},
     {"metrics", "dpg"},

@@ -30,6 +30,7 @@ Backend = enum.Enum("Backend", {name: name for name in ("transformers", "openai"
 Combine = enum.Enum("Combine", {name: name for name in ("weighted", "lexicographic")}, type=str)
 Method = enum.Enum("Method", {name: name for name in ("full", "lora")}, type=str)
 OutputFormat = enum.Enum("OutputFormat", {name: name for name in ("jsonl", "parquet")}, type=str)
+Engine = enum.Enum("Engine", {name: name for name in ("local", "ray")}, type=str)
 DemoDPG = enum.Enum("DemoDPG", {name: name for name in ("demo-dpg-67", "demo-dpg-l2", "demo-dpg-uuid")}, type=str)
 
 # Options every stage command shares.
@@ -41,6 +42,17 @@ SET = typer.Option([], "--set", metavar="KEY=VALUE", help="override a config val
 OVERWRITE = typer.Option(False, "--overwrite", help="discard an existing run in --out made with another config")
 QUIET = typer.Option(False, "--quiet", "-q", help="no progress output")
 SEED = typer.Option(None, help="run seed (default: the config's, 0)")
+# Where units of work run (operational: a run started on one engine resumes on the other).
+ENGINE = typer.Option(None, "--engine", help="where units run: local, this process (default), or ray, Ray actors "
+                      "(needs datasteer's ray extra)")
+WORKERS = typer.Option(None, "--workers", help="ray: worker actors (default: the cluster's CPUs, or GPUs for GPU "
+                       "teachers)")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="ray: cluster to join, e.g. auto or ray://HOST:10001 "
+                           "(default RAY_ADDRESS, else a local cluster for this run)")
+
+
+def _engine(engine: Any, workers: Optional[int], ray_address: Optional[str]) -> dict[str, Any]:
+    return _flags(engine__kind=engine, engine__workers=workers, engine__address=ray_address)
 
 
 def _version(value: bool) -> None:
@@ -130,6 +142,7 @@ def generate(
     limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
     output_format: Optional[OutputFormat] = typer.Option(None, help="candidates file: jsonl (default) or parquet "
                                                          "(large runs)"),
+    engine: Optional[Engine] = ENGINE, workers: Optional[int] = WORKERS, ray_address: Optional[str] = RAY_ADDRESS,
     seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ) -> None:
     """Generate k candidate answers per prompt from one or several teachers."""
@@ -143,7 +156,8 @@ def generate(
                          system_prompt=system_prompt, base_url=base_url, api_key_env=api_key_env,
                          concurrency=concurrency, timeout_s=timeout_s, max_retries=max_retries)
     data = _flags(prompts__path=prompts, prompts__prompt_field=prompt_field, prompts__id_field=id_field,
-                  prompts__split=split, prompts__limit=limit, seed=seed, output_format=output_format)
+                  prompts__split=split, prompts__limit=limit, seed=seed, output_format=output_format,
+                  **_engine(engine, workers, ray_address))
     specs = _teachers(model, teacher)
     if config is not None:
         if specs:
@@ -183,6 +197,7 @@ def score(
     chunk_size: Optional[int] = typer.Option(None, help="rows per resumable unit of work (default 256)"),
     output_format: Optional[OutputFormat] = typer.Option(None, help="scored rows file: jsonl (default) or parquet "
                                                          "(large runs)"),
+    engine: Optional[Engine] = ENGINE, workers: Optional[int] = WORKERS, ray_address: Optional[str] = RAY_ADDRESS,
     overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ) -> None:
     """Add one column per metric to every row (length, MTLD, readability, toxicity, judge, custom)."""
@@ -190,7 +205,7 @@ def score(
     from datasteer.metrics.config import ScoreConfig
 
     data = _flags(input=input, metrics=metrics, text_field=text_field, prompt_field=prompt_field, id_field=id_field,
-                  chunk_size=chunk_size, output_format=output_format)
+                  chunk_size=chunk_size, output_format=output_format, **_engine(engine, workers, ray_address))
     if config is None and not set_:
         if "input" not in data:
             raise ConfigError("give the file to score (e.g. runs/demo-generate/candidates.jsonl) or --config RECIPE")
@@ -362,11 +377,12 @@ def compare_profiles(
 
 # ---------------------------------------------------------------- pipelines
 
-def run_inherit(recipe: str | Path, out: Path, overrides: list[str], overwrite: bool, quiet: bool) -> None:
+def run_inherit(recipe: str | Path, out: Path, overrides: list[str], overwrite: bool, quiet: bool,
+                flags: dict[str, Any] | None = None) -> None:
     from datasteer.inheritance.config import InheritConfig
     from datasteer.inheritance.pipeline import inherit as run_pipeline
 
-    result = run_pipeline(_config(InheritConfig, str(recipe), overrides, {}), out, overwrite=overwrite,
+    result = run_pipeline(_config(InheritConfig, str(recipe), overrides, flags or {}), out, overwrite=overwrite,
                           progress=not quiet)
     typer.echo(f"report: {result.report}")
     for line in result.headline():
@@ -393,9 +409,10 @@ def inherit(
     recipe: str = typer.Argument(..., help="YAML recipe or built-in name (`datasteer recipes`)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<recipe name>)"),
     set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    engine: Optional[Engine] = ENGINE, workers: Optional[int] = WORKERS, ray_address: Optional[str] = RAY_ADDRESS,
 ) -> None:
     """Active inheritance end to end: generate, score, select (active and random), fine-tune, profile, report."""
-    run_inherit(recipe, out or _default_out(recipe), set_, overwrite, quiet)
+    run_inherit(recipe, out or _default_out(recipe), set_, overwrite, quiet, _engine(engine, workers, ray_address))
 
 
 @app.command("dpg")
@@ -412,9 +429,10 @@ def dpg_command(
 def demo_inherit(
     out: Path = typer.Option(Path("runs/demo-inherit"), "--out", "-o", help="run directory"),
     set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    engine: Optional[Engine] = ENGINE, workers: Optional[int] = WORKERS, ray_address: Optional[str] = RAY_ADDRESS,
 ) -> None:
     """The CPU demo of active inheritance (recipe demo-inherit) on the embedded SmolLM2."""
-    run_inherit("demo-inherit", out, set_, overwrite, quiet)
+    run_inherit("demo-inherit", out, set_, overwrite, quiet, _engine(engine, workers, ray_address))
 
 
 @demo_app.command("dpg")

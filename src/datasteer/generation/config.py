@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, TypeAdapter, field_validator
 
 from datasteer.config import StrictModel
+from datasteer.engines import EngineConfig
 from datasteer.generation.base import SamplingConfig, TeacherBase
 from datasteer.generation.openai_backend import OpenAITeacherConfig
 from datasteer.generation.transformers_backend import TransformersTeacherConfig
@@ -53,6 +54,8 @@ class GenerateConfig(StrictModel):
     seed: int = Field(0, description="run seed; every unit of work is seeded from it and the unit's name")
     output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="candidates file format: jsonl, or "
                                                        "parquet for large runs")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="where units run: local (this process) "
+                                 "or ray (operational: not part of the run's identity)")
 
     @field_validator("teachers")
     @classmethod

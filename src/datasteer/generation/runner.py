@@ -3,7 +3,9 @@
 Work is cut into units (one teacher, `batch_size` consecutive prompts, all k samples). Each
 unit is seeded from (run seed, teacher name, unit index) and written as one atomic shard, so
 a run killed at any point and started again produces exactly the rows of an uninterrupted
-run: finished units are skipped, unfinished ones are redone from their own seed.
+run: finished units are skipped, unfinished ones are redone from their own seed. Units run through an executor
+(`datasteer.engines`: this process, or Ray actors with `engine: ray`, each loading the teacher once); either way
+this process writes every shard as its unit finishes, so the rows and resume are the same on both.
 
 The merged rows land in `candidates.jsonl` (or `candidates.parquet`, `output_format: parquet`) beside a
 dataset card, `README.md`, that gives their explicit schema to `datasets.load_dataset(RUN_DIR)`.
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datasteer.engines import Group, open_executor, run_fingerprint
 from datasteer.generation.base import Completion, Teacher, TeacherBase
 from datasteer.generation.config import GenerateConfig
 from datasteer.io import Prompt, describe_input, read_prompts
@@ -86,6 +89,53 @@ def candidate_rows(unit: Unit, completions: list[list[Completion]]) -> list[dict
     return rows
 
 
+class TeacherWorker:
+    """Runs units on one loaded teacher: the worker of a teacher's group, in this process or on a Ray actor."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+
+    def run(self, task: tuple[Unit, int]) -> tuple[list[dict[str, Any]], float]:
+        unit, seed = task
+        began = time.perf_counter()
+        completions = self.teacher.generate(unit.prompts, seed=seed)
+        took = time.perf_counter() - began
+        return candidate_rows(unit, completions), took
+
+    def close(self) -> None:
+        self.teacher.close()  # free one teacher's memory before the next loads
+
+
+@dataclass(frozen=True)
+class TeacherSetup:
+    """Loads the teacher (once per worker). On Ray it travels pickled: a teacher built and checked here
+    (`check_prompts`) but not loaded, so each actor loads its own copy of the model."""
+
+    teacher: Teacher
+
+    def __call__(self) -> TeacherWorker:
+        self.teacher.load()
+        return TeacherWorker(self.teacher)
+
+
+def gpus_per_worker(config: TeacherBase) -> float | None:
+    """GPUs each Ray actor of this teacher needs: vllm's tensor_parallel_size; a transformers teacher on `auto` one
+    GPU when the cluster has any (None), on `cuda...` one, on `cpu` none; an HTTP teacher none."""
+    if config.backend == "vllm":
+        return float(getattr(config, "tensor_parallel_size", 1))
+    if config.backend == "transformers":
+        device = str(getattr(config, "device", "auto"))
+        return None if device == "auto" else (1.0 if device.startswith("cuda") else 0.0)
+    return 0.0
+
+
+def teacher_group(config: TeacherBase, teacher: Teacher, todo: list[Unit], seed: int) -> Group:
+    """A teacher's pending units as one group of work: each unit with its own seed, from (run seed, teacher, unit)."""
+    return Group(key=f"teacher/{config.name}", label=f"teacher '{config.name}'", setup=TeacherSetup(teacher),
+                 units=[(u, derive_seed(seed, config.name, u.name)) for u in todo], names=[u.name for u in todo],
+                 num_gpus=gpus_per_worker(config))
+
+
 @dataclass
 class GenerateResult:
     run_dir: Path
@@ -94,7 +144,7 @@ class GenerateResult:
     generated_rows: int  # rows made by this call (the rest were resumed from shards)
     generated_tokens: int
     seconds: float  # wall time of the call, model loading included
-    generation_seconds: float  # time spent generating
+    generation_seconds: float  # time spent generating (summed over workers on the ray engine)
     per_source: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -122,7 +172,8 @@ def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False
     `overwrite`. `teachers` lets a caller pass ready backends (already loaded models) by name.
     """
     prompts = read_prompts(config.prompts)
-    run = Run.prepare(out, stage="generate", config=config,
+    executor = open_executor(config.engine)  # the ray engine without ray installed fails here, before anything
+    run = Run.prepare(out, stage="generate", config=run_fingerprint(config),
                       inputs={"prompts": describe_input(config.prompts, prompts)}, seed=config.seed,
                       overwrite=overwrite)
     if run.complete:
@@ -146,29 +197,26 @@ def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False
     done_rows = total_rows - sum(u.rows for u in pending)
     start = time.perf_counter()
     generated_rows = generated_tokens = 0
-    generation_seconds = 0.0  # time inside teacher.generate (model loading excluded)
-    with track("generate", total_rows, done=done_rows, enabled=progress) as tracker:
+    generation_seconds = 0.0  # time inside teacher.generate (model loading excluded), summed over workers
+    with executor, track("generate", total_rows, done=done_rows, enabled=progress) as tracker:
         for teacher_config in config.teachers:
             todo = [u for u in pending if u.teacher.name == teacher_config.name]
             if not todo:
                 continue
-            teacher = teachers[teacher_config.name]
             tracker.describe(f"generate [{teacher_config.name}]")
-            teacher.load()
-            try:
-                for unit in todo:
-                    seed = derive_seed(config.seed, teacher_config.name, unit.name)
-                    began = time.perf_counter()
-                    completions = teacher.generate(unit.prompts, seed=seed)
-                    generation_seconds += time.perf_counter() - began
-                    rows = candidate_rows(unit, completions)
-                    run.write_shard(teacher_config.name, unit.name, rows)
-                    tokens = sum(r["completion_tokens"] for r in rows)
-                    generated_rows += len(rows)
-                    generated_tokens += tokens
-                    tracker.advance(len(rows), tokens)
-            finally:
-                teacher.close()  # free one teacher's memory before the next loads
+
+            def finished(position: int, result: tuple[list[dict[str, Any]], float], todo: list[Unit] = todo) -> None:
+                nonlocal generated_rows, generated_tokens, generation_seconds
+                rows, took = result
+                unit = todo[position]
+                run.write_shard(unit.teacher.name, unit.name, rows)  # this process is the only writer
+                tokens = sum(r["completion_tokens"] for r in rows)
+                generation_seconds += took
+                generated_rows += len(rows)
+                generated_tokens += tokens
+                tracker.advance(len(rows), tokens)
+
+            executor.run(teacher_group(teacher_config, teachers[teacher_config.name], todo, config.seed), finished)
     seconds = time.perf_counter() - start
 
     rows = [json.loads(line) for u in units

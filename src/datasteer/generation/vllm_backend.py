@@ -20,6 +20,9 @@ class VLLMTeacherConfig(TeacherBase):
     backend: Literal["vllm"]
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights' dtype")
     trust_remote_code: bool = Field(False, description="run the model repository's own code")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one copy of the model is split over (vLLM's "
+                                      "tensor_parallel_size); with the ray engine each worker gets that many GPUs, "
+                                      "and engine.workers copies run side by side (data parallel)")
 
     def build(self) -> "VLLMTeacher":
         parse_spec(self.model)
@@ -51,8 +54,12 @@ class VLLMTeacher:
     def load(self) -> None:
         if self._llm is None:
             dtype = "auto" if self.config.dtype == "auto" else self.config.dtype
+            tp = self.config.tensor_parallel_size
+            # several GPUs: vLLM's own worker processes on the GPUs this process sees (inside a Ray actor those it
+            # was given), not Ray placement groups that would wait for GPUs the actor already holds
+            parallel = {"tensor_parallel_size": tp, "distributed_executor_backend": "mp"} if tp > 1 else {}
             self._llm = self._vllm.LLM(model=materialize(self.config.model), dtype=dtype,
-                                       trust_remote_code=self.config.trust_remote_code, seed=0)
+                                       trust_remote_code=self.config.trust_remote_code, seed=0, **parallel)
 
     def close(self) -> None:
         self._llm = None

@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from datasteer.config import StrictModel, describe_validation_error, split_list
+from datasteer.engines import EngineConfig
 from datasteer.errors import ConfigError
 from datasteer.generation.base import SamplingConfig
 from datasteer.generation.config import GenerateConfig, TeacherConfig
@@ -307,6 +308,9 @@ class InheritConfig(StrictModel):
                                                        "stages: jsonl, or parquet for large runs")
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     profile: ProfileSettings = Field(default_factory=ProfileSettings)
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="where the generate and score stages' "
+                                 "units run: local (this process) or ray (operational: not part of the run's "
+                                 "identity)")
 
     _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: split_metric_specs(v)))
 
@@ -322,7 +326,7 @@ class InheritConfig(StrictModel):
 
     def generate_config(self) -> GenerateConfig:
         return GenerateConfig(prompts=self.prompts, teachers=self.teachers, seed=self.seed,
-                              output_format=self.output_format)
+                              output_format=self.output_format, engine=self.engine)
 
     def select_config(self, input: str, arm: str, report_columns: list[str]) -> SelectConfig:
         rule = self.selection.model_dump()

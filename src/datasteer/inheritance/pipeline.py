@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from datasteer.engines import open_executor, run_fingerprint
 from datasteer.errors import ConfigError, InputError
 from datasteer.generation.runner import generate
 from datasteer.inheritance.compare import Comparison, compare
@@ -79,8 +80,9 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
     for spec in [t.model for t in config.teachers if t.backend != "openai"] + [config.student]:
         parse_spec(spec)  # unknown embedded/tiny names and missing local directories fail here
     check_finetune(config.finetune, "finetune.")  # the trl: pass-through and LoRA arguments, before any stage
+    open_executor(config.engine)  # the ray engine without ray installed: one line before any stage
     _check_student(config, eval_prompts)
-    run = Run.prepare(out, stage="inherit", config=config,
+    run = Run.prepare(out, stage="inherit", config=run_fingerprint(config),
                       inputs={"prompts": describe_input(config.prompts, prompts),
                               "eval_prompts": describe_input(config.eval_prompts, eval_prompts)},
                       seed=config.seed, overwrite=overwrite)
@@ -114,9 +116,9 @@ def _run_stages(config: InheritConfig, out: Path, run: Run, specs: list[str], ov
     with stage("generate"):
         gen = generate(config.generate_config(), out / "generate", overwrite=overwrite, progress=progress)
     with stage("score"):
-        scored = score(ScoreConfig(input=str(gen.candidates_path), metrics=specs, output_format=config.output_format),
-                       out / "score",
-                       overwrite=overwrite, progress=progress)
+        scored = score(ScoreConfig(input=str(gen.candidates_path), metrics=specs, output_format=config.output_format,
+                                   engine=config.engine),
+                       out / "score", overwrite=overwrite, progress=progress)
     selected: dict[str, Path] = {}
     for arm in arms:
         with stage(f"select ({arm})"):

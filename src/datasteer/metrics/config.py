@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from datasteer.config import StrictModel
+from datasteer.engines import EngineConfig
 from datasteer.metrics.base import parse_metrics
 
 
@@ -30,5 +31,7 @@ class ScoreConfig(StrictModel):
     chunk_size: int = Field(256, ge=1, description="rows per resumable unit of work")
     output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="scored rows file format: jsonl, or "
                                                        "parquet for large runs")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="where units run: local (this process) "
+                                 "or ray (operational: not part of the run's identity)")
 
     _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: split_metric_specs(v)))

@@ -2,9 +2,10 @@
 
 Work is cut into units of (metric, `chunk_size` consecutive rows); each unit's values are one
 atomic shard, so a crash loses at most the unit in progress, and a slow metric (a judge, a
-remote API) that fails half-way keeps every metric and chunk that finished. The merged
-`scored.jsonl` (or `scored.parquet`, `output_format: parquet`) holds the input rows, in order, with the new
-columns; missing values (NaN from a scorer) are JSON null and are counted in the summary, never dropped. A
+remote API) that fails half-way keeps every metric and chunk that finished. Units run through an executor
+(`datasteer.engines`: this process, or Ray actors that build each scorer once), and this process writes every
+shard. The merged `scored.jsonl` (or `scored.parquet`, `output_format: parquet`) holds the input rows, in order,
+with the new columns; missing values (NaN from a scorer) are JSON null and are counted in the summary, never dropped. A
 dataset card, `README.md`, gives the rows' explicit schema (and each metric's description) to `datasets`.
 """
 
@@ -18,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 
+from datasteer.engines import Group, open_executor, run_fingerprint
 from datasteer.errors import ConfigError, InputError
 from datasteer.io import read_rows
-from datasteer.metrics.base import Scorer, build_scorers, parse_metrics
+from datasteer.metrics.base import Scorer, build_scorers, metric_columns, parse_metrics
 from datasteer.metrics.config import ScoreConfig
 from datasteer.progress import track
 from datasteer.rows import load_rows, rows_file, write_card, write_rows
@@ -58,6 +60,47 @@ class ScoreResult:
         return load_rows(self.scored_path, **load_kwargs)
 
 
+class ScorerWorker:
+    """Scores units (a chunk's texts, and prompts when the metric needs them) with one scorer, `batch_size` texts
+    per call: the worker of a metric's group, in this process or on a Ray actor."""
+
+    def __init__(self, scorer: Scorer):
+        self.scorer = scorer
+
+    def run(self, unit: tuple[list[str], list[str] | None]) -> list[float]:
+        texts, prompts = unit
+        scorer, values = self.scorer, []
+        for b in range(0, len(texts), scorer.batch_size):
+            e = min(b + scorer.batch_size, len(texts))
+            got = scorer.score(texts[b:e], prompts[b:e] if prompts is not None else None)
+            if len(got) != e - b:
+                raise RuntimeError(f"metric {scorer.name} returned {len(got)} values for {e - b} texts")
+            values.extend(got)
+        return values
+
+    def close(self) -> None:
+        close = getattr(self.scorer, "close", None)
+        if close is not None:
+            close()
+
+
+class ScorerSetup:
+    """The scorer a worker uses: here the one already built; pickled for a Ray actor, its spec when it has one
+    (each actor builds, and loads, its own: a Detoxify model is not shipped), else the scorer object itself."""
+
+    def __init__(self, scorer: Scorer | None, spec: str | None = None, name: str | None = None):
+        self.scorer, self.spec, self.name = scorer, spec, name or getattr(scorer, "name", None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ScorerSetup, (None, self.spec, self.name) if self.spec else (self.scorer, None, self.name))
+
+    def __call__(self) -> ScorerWorker:
+        if self.scorer is None:
+            assert self.spec is not None
+            self.scorer = next(s for s in build_scorers([self.spec]) if s.name == self.name)
+        return ScorerWorker(self.scorer)
+
+
 def _check_rows(rows: list[dict[str, Any]], config: ScoreConfig, scorers: list[Scorer]) -> None:
     if not rows:
         raise InputError(f"{config.input} has no rows to score")
@@ -81,11 +124,14 @@ def score(config: ScoreConfig, out: str | Path, *, overwrite: bool = False, prog
     """Score every row of `config.input` with every metric into the run directory `out`."""
     rows = read_rows(config.input)
     specs = [str(s) for s in parse_metrics(config.metrics)]
+    executor = open_executor(config.engine)  # the ray engine without ray installed fails here, before anything
+    # on Ray each actor builds its scorer from the spec that names its column (no loaded model is shipped)
+    specs_of = {} if scorers is not None else {column: spec for spec in specs for column in metric_columns([spec])}
     scorers = scorers if scorers is not None else build_scorers(specs)
     _check_rows(rows, config, scorers)
     config = config.model_copy(update={"metrics": specs})
-    run = Run.prepare(out, stage="score", config=config, inputs={"rows": file_input(config.input, len(rows))},
-                      seed=0, overwrite=overwrite)
+    run = Run.prepare(out, stage="score", config=run_fingerprint(config),
+                      inputs={"rows": file_input(config.input, len(rows))}, seed=0, overwrite=overwrite)
     if run.complete:
         return ScoreResult.load(run)
     texts = [r[config.text_field] for r in rows]
@@ -96,29 +142,26 @@ def score(config: ScoreConfig, out: str | Path, *, overwrite: bool = False, prog
     pending_keys = {(u[0].name, u[1]) for u in pending}
     start = time.perf_counter()
     done_rows = sum(hi - lo for s, i, lo, hi in units if (s.name, i) not in pending_keys)
-    with track("score", len(rows) * len(scorers), done=done_rows, enabled=progress, unit="values",
-               tokens=False) as tracker:
+    with executor, track("score", len(rows) * len(scorers), done=done_rows, enabled=progress, unit="values",
+                         tokens=False) as tracker:
         for scorer in scorers:
             todo = [u for u in pending if u[0] is scorer]
             if not todo:
                 continue
             tracker.describe(f"score [{scorer.name}]")
-            try:
-                for _, index, lo, hi in todo:
-                    values: list[float] = []
-                    for b in range(lo, hi, scorer.batch_size):
-                        e = min(b + scorer.batch_size, hi)
-                        got = scorer.score(texts[b:e], prompts[b:e] if scorer.needs_prompts else None)
-                        if len(got) != e - b:
-                            raise RuntimeError(f"metric {scorer.name} returned {len(got)} values for {e - b} texts")
-                        values.extend(got)
-                        tracker.advance(e - b)
-                    run.write_shard(scorer.name, f"{index:06d}",
-                                    [{"v": v if math.isfinite(v) else None} for v in map(float, values)])
-            finally:
-                close = getattr(scorer, "close", None)
-                if close is not None:
-                    close()
+
+            def finished(position: int, values: list[float], todo: list[Any] = todo) -> None:
+                metric, index, lo, hi = todo[position]
+                run.write_shard(metric.name, f"{index:06d}",  # this process is the only writer
+                                [{"v": v if math.isfinite(v) else None} for v in map(float, values)])
+                tracker.advance(hi - lo)
+
+            group = Group(key=f"metric/{scorer.name}", label=f"metric {scorer.name}",
+                          setup=ScorerSetup(scorer, specs_of.get(scorer.name)),
+                          units=[(texts[lo:hi], prompts[lo:hi] if scorer.needs_prompts else None)
+                                 for _, _, lo, hi in todo],
+                          names=[f"{index:06d}" for _, index, _, _ in todo])
+            executor.run(group, finished)
     seconds = time.perf_counter() - start
 
     columns = [s.name for s in scorers]
