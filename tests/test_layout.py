@@ -18,7 +18,7 @@ FLOORS = [
     {"runs", "recipes", "training", "engines"},
     {"io", "rows"},
     {"generation", "metagrad"},
-    {"metrics", "dpg"},
+    {"metrics", "dpg", "probes"},
     {"inheritance"},
     {"api", "cli"},
     {"__main__"},

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from datasteer.engines import ENGINES, EngineConfig, run_fingerprint
+from datasteer.config import fingerprint as run_fingerprint
+from datasteer.engines import ENGINES, EngineConfig
 from datasteer.generation import generate
 from datasteer.generation.config import GenerateConfig
 from datasteer.metrics import score

@@ -41,6 +41,14 @@ SET = typer.Option([], "--set", metavar="KEY=VALUE", help="override a config val
                    "sampling.temperature=0.7); text fields keep the text as typed; repeatable")
 OVERWRITE = typer.Option(False, "--overwrite", help="discard an existing run in --out made with another config")
 QUIET = typer.Option(False, "--quiet", "-q", help="no progress output")
+
+
+def say(text: str) -> None:
+    """A command's closing lines, printed once: by the main process of a torchrun/accelerate launch."""
+    from datasteer.distributed import is_main_process
+
+    if is_main_process():
+        typer.echo(text)
 SEED = typer.Option(None, help="run seed (default: the config's, 0)")
 # Where units of work run (operational: a run started on one engine resumes on the other).
 ENGINE = typer.Option(None, "--engine", help="where units run: local, this process (default), or ray, Ray actors "
@@ -310,7 +318,7 @@ def finetune(
     how = " (already complete)" if result.resumed_from == "complete" else (
         f" (resumed from {result.resumed_from})" if result.resumed_from else "")
     loss = "-" if result.final_loss is None else f"{result.final_loss:.4f}"
-    typer.echo(f"fine-tuned {cfg.model} on {result.examples} examples, {result.steps} steps, final loss {loss}"
+    say(f"fine-tuned {cfg.model} on {result.examples} examples, {result.steps} steps, final loss {loss}"
                f"{how} in {result.seconds:.1f}s -> {result.model_dir}")
 
 
@@ -395,9 +403,9 @@ def run_dpg(recipe: str | Path, out: Path, overrides: list[str], overwrite: bool
 
     result = run_training(_config(DPGConfig, str(recipe), overrides, {}), out, overwrite=overwrite,
                           progress=not quiet)
-    typer.echo(f"report: {result.report}")
+    say(f"report: {result.report}")
     for line in result.headline():
-        typer.echo(line)
+        say(line)
 
 
 def _default_out(recipe: str) -> Path:
@@ -466,7 +474,7 @@ def attribute(
     cfg = _config(AttributeConfig, config, set_, data)
     result = run_attribute(cfg, out, progress=not quiet, overwrite=overwrite)
     if not quiet:
-        typer.echo(f"scored {result.rows} rows ({result.stats['steps']} training steps, {result.stats['strategy']} "
+        say(f"scored {result.rows} rows ({result.stats['steps']} training steps, {result.stats['strategy']} "
                    f"checkpoints) in {result.seconds:.1f}s; metric after training {result.value:.6g} -> {result.out}")
 
 

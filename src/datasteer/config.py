@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from datasteer.errors import ConfigError
 
 # Fields that change how fast or where work runs, never what it produces.
-OPERATIONAL_FIELDS = frozenset({"concurrency", "timeout_s", "max_retries", "device"})
+# where and how fast work runs, never what it produces: left out of fingerprints (a run resumes with other values)
+OPERATIONAL_FIELDS = frozenset({"concurrency", "timeout_s", "max_retries", "device", "engine"})
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -16,7 +16,7 @@ is done iff its shard exists, whichever engine ran it.
   as it is and left running.
 
 The engine is operational: it never changes what a run produces, so it is left out of the run's fingerprint
-(`run_fingerprint`) and a run started on one engine resumes on the other.
+(`config.OPERATIONAL_FIELDS`) and a run started on one engine resumes on the other.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
-from datasteer.config import StrictModel, fingerprint
+from datasteer.config import StrictModel
 from datasteer.errors import ConfigError, DatasteerError, optional_import
 
 log = logging.getLogger("datasteer.engines")
@@ -65,14 +65,6 @@ class EngineConfig(StrictModel):
             raise ValueError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the ray engine only; "
                              "add --engine ray (engine.kind: ray)")
         return self
-
-
-def run_fingerprint(config: BaseModel) -> dict[str, Any]:
-    """A stage config's fingerprint (`config.fingerprint`) without its `engine` section: where the work runs never
-    changes what it produces."""
-    data = fingerprint(config)
-    data.pop("engine", None)
-    return data
 
 
 class Worker(Protocol):

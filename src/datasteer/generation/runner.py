@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasteer.engines import Group, open_executor, run_fingerprint
+from datasteer.engines import Group, open_executor
 from datasteer.generation.base import Completion, Teacher, TeacherBase
 from datasteer.generation.config import GenerateConfig
 from datasteer.io import Prompt, describe_input, read_prompts
@@ -173,7 +173,7 @@ def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False
     """
     prompts = read_prompts(config.prompts)
     executor = open_executor(config.engine)  # the ray engine without ray installed fails here, before anything
-    run = Run.prepare(out, stage="generate", config=run_fingerprint(config),
+    run = Run.prepare(out, stage="generate", config=config,
                       inputs={"prompts": describe_input(config.prompts, prompts)}, seed=config.seed,
                       overwrite=overwrite)
     if run.complete:

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from datasteer.engines import open_executor, run_fingerprint
+from datasteer.engines import open_executor
 from datasteer.errors import ConfigError, InputError
+from datasteer.generation.base import fit_to_context, prompt_lengths
 from datasteer.generation.runner import generate
 from datasteer.inheritance.compare import Comparison, compare
 from datasteer.inheritance.config import InheritConfig, parse_constraint, parse_objective
@@ -40,7 +41,6 @@ from datasteer.io import describe_input, read_prompts
 from datasteer.metrics.base import metric_columns, parse_metrics
 from datasteer.metrics.config import ScoreConfig
 from datasteer.metrics.runner import score
-from datasteer.generation.base import fit_to_context, prompt_lengths
 from datasteer.models import load_tokenizer, model_shape, parse_spec
 from datasteer.rows import gather_cards, write_card
 from datasteer.runs import Run
@@ -82,7 +82,7 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
     check_finetune(config.finetune, "finetune.")  # the trl: pass-through and LoRA arguments, before any stage
     open_executor(config.engine)  # the ray engine without ray installed: one line before any stage
     _check_student(config, eval_prompts)
-    run = Run.prepare(out, stage="inherit", config=run_fingerprint(config),
+    run = Run.prepare(out, stage="inherit", config=config,
                       inputs={"prompts": describe_input(config.prompts, prompts),
                               "eval_prompts": describe_input(config.eval_prompts, eval_prompts)},
                       seed=config.seed, overwrite=overwrite)

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-from datasteer.engines import Group, open_executor, run_fingerprint
+from datasteer.engines import Group, open_executor
 from datasteer.errors import ConfigError, InputError
 from datasteer.io import read_rows
 from datasteer.metrics.base import Scorer, build_scorers, metric_columns, parse_metrics
@@ -130,7 +129,7 @@ def score(config: ScoreConfig, out: str | Path, *, overwrite: bool = False, prog
     scorers = scorers if scorers is not None else build_scorers(specs)
     _check_rows(rows, config, scorers)
     config = config.model_copy(update={"metrics": specs})
-    run = Run.prepare(out, stage="score", config=run_fingerprint(config),
+    run = Run.prepare(out, stage="score", config=config,
                       inputs={"rows": file_input(config.input, len(rows))}, seed=0, overwrite=overwrite)
     if run.complete:
         return ScoreResult.load(run)
