@@ -204,6 +204,27 @@ def test_batched_scores_equal_one_by_one_and_a_direct_forward(tiny):
     full = LikelihoodScorer(tiny.model, batch_size=3)
     full._fast = False  # the model's own logits instead of hidden states x head
     np.testing.assert_allclose([f.logprob for f in full.score(encoded)], [o.logprob for o in one], atol=2e-5)
+    # options sharing a context are packed into one row (context once): the same numbers as scored alone
+    shared = enc.encode([Request("### Question: where is the fog? \n### Answer: ", t) for t in texts] * 2
+                        + [Request("Another question? ", t) for t in texts[:3]])
+    alone = LikelihoodScorer(tiny.model, batch_size=4, pack=False).score(shared)
+    packing = LikelihoodScorer(tiny.model, batch_size=4)
+    packed = packing.score(shared)
+    assert packing._packs is True
+    np.testing.assert_allclose([p.logprob for p in packed], [a.logprob for a in alone], atol=2e-5)
+
+    class IgnoresMasks(torch.nn.Module):  # a model that drops 4D masks and position ids: packing must turn off
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            keep = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            return self.inner(input_ids=input_ids, attention_mask=keep)
+
+    fallback = LikelihoodScorer(IgnoresMasks(tiny.model), batch_size=4)
+    np.testing.assert_allclose([f.logprob for f in fallback.score(shared)], [a.logprob for a in alone], atol=2e-5)
+    assert fallback._packs is False and fallback._fast is False
     with torch.no_grad():  # by hand: one sequence, its own forward, log-softmax, the scored tokens
         e = encoded[3]
         logp = torch.log_softmax(tiny.model(torch.tensor([e.ids])).logits[0].double(), -1)

@@ -5,7 +5,9 @@ format (`load`), says which texts to score for each item (`requests`: a context 
 log-likelihood is wanted), turns an item's scores into one row (`row`) and the rows into the benchmark's summary
 (`summarize`). The stage (`datasteer.probes.runner.probe`) does the rest: batching on the model, resumable units,
 the rows files and `summary.json`. A probe that evaluates the model itself (the lm-eval-harness backend) defines
-`evaluate(items, loaded, settings)` instead of `requests`/`row`.
+`evaluate(items, loaded, *, batch_size, limit, seed, device) -> rows` instead of `requests`/`row` (each of its items
+is then a unit of its own), and may define `resolve(text, subset, split)` and `describe(source, items)` when its
+source is not a file or hub dataset. Optional: `plots(benchmark, summary) -> {file name: PNG bytes}`.
 
 Built-in probes register themselves when `datasteer.probes` is imported:
 

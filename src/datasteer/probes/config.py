@@ -42,6 +42,8 @@ class ScoringConfig(StrictModel):
                      "scored); none: no BOS (whole sentences are then scored from their second token)")
     too_long: TooLong = Field("error", description="a sequence longer than the model's context: error, or truncate "
                               "its context from the left")
+    pack: bool = Field(True, description="score the options of one question in one packed row (the context once); "
+                       "self-checked, and the same numbers as unpacked (operational: not part of the run's identity)")
 
 
 class ProbeConfig(StrictModel):
@@ -73,8 +75,8 @@ class ProbeConfig(StrictModel):
 
 
 def parse_benchmark(text: str) -> tuple[str, str]:
-    """A `--benchmark NAME=SOURCE` flag as (name, source); `SOURCE` alone names the benchmark after its probe's
-    file stem only when NAME is given, so the flag needs the `=`."""
+    """A `--benchmark NAME=SOURCE` flag as (name, source) for `ProbeConfig.benchmarks` (NAME picks the probe when it
+    is one's name or alias: bbq, stereoset, crows_pairs, mcqa, openbookqa, mmlu, ...)."""
     name, sep, source = text.partition("=")
     if not sep or not name.strip() or not source.strip():
         raise ConfigError(f"--benchmark {text!r}: write NAME=PATH, e.g. bbq=data/bbq or openbookqa=obqa.jsonl")

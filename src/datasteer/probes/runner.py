@@ -36,7 +36,9 @@ from datasteer.runs import Run, derive_seed
 
 SUMMARY_FILE = "summary.json"
 PLOTS = "plots"
-OPERATIONAL = ("batch_size",)  # besides config.OPERATIONAL_FIELDS (device): never change what a run produces
+# besides config.OPERATIONAL_FIELDS (device): settings that never change what a run produces (but the last bits of
+# float sums), so a run may resume with others; scoring.pack too
+OPERATIONAL = ("batch_size",)
 
 
 @dataclass
@@ -135,15 +137,15 @@ def _encode(benchmarks: list[_Benchmark], config: ProbeConfig, loaded: Any) -> E
     encoder = Encoder(tokenizer, bos=config.scoring.bos, model_config=model_config, max_length=shape.context,
                       too_long=config.scoring.too_long, model=f"model '{config.model}'")
     for b in needing:
-        requests, owners = [], []
+        requests, owners, counts = [], [], []
         for item in b.items:
-            for r in b.probe.requests(item):
-                requests.append(r)
-                owners.append(f"{b.name} item {item['item_id']}")
+            asked = b.probe.requests(item)
+            requests += asked
+            owners += [f"{b.name} item {item['item_id']}"] * len(asked)
+            counts.append(len(asked))
         flat = encoder.encode(requests, owners)
         b.encoded, at = [], 0
-        for item in b.items:
-            n = len(b.probe.requests(item))
+        for n in counts:
             b.encoded.append(flat[at:at + n])
             at += n
     return encoder
@@ -158,6 +160,7 @@ def _fingerprint(config: ProbeConfig) -> dict[str, Any]:
     data = fingerprint(config)
     for key in OPERATIONAL:
         data.pop(key, None)
+    data["scoring"].pop("pack", None)
     return data
 
 
@@ -184,7 +187,7 @@ def probe(config: ProbeConfig, out: str | Path, *, overwrite: bool = False, prog
             loaded = load_model(config.model, dtype=config.dtype, device=config.device,
                                 trust_remote_code=config.trust_remote_code)
         check_finite_weights(loaded.model, config.model)
-        scorer = LikelihoodScorer(loaded.model, batch_size=config.batch_size)
+        scorer = LikelihoodScorer(loaded.model, batch_size=config.batch_size, pack=config.scoring.pack)
         done = sum(hi - lo for b, i, lo, hi in units if (b.name, i) not in pending_keys)
         total = sum(len(b.items) for b in benchmarks)
         with track("probe", total, done=done, enabled=progress, unit="items", tokens=False) as tracker:

@@ -10,12 +10,17 @@ Tokenisation (`Encoder`), per request (context, continuation):
   the model config's. `bos: none` adds none; a whole sentence (empty context) is then scored from its second
   token. The BOS is never counted as part of what is scored.
 
-Scoring (`LikelihoodScorer`): sequences are sorted by length and cut into batches of `batch_size`; each batch is
-right-padded with an attention mask and run in one forward (padding after the real tokens never changes what a
-causal model computes for them). Only the positions that predict continuation tokens go through the LM head (the
-model's hidden states, gathered), which a self-check at start-up compares with the model's own logits; a model
-whose head does more than a linear layer (logit soft-capping, scaling) is scored from its full logits instead.
-Log-probabilities are log-softmax in float32 and summed in float64.
+Scoring (`LikelihoodScorer`): the continuations that share a context (the options of one question) are packed
+into one row: the context once, then each option, every option attending to the context and to itself only, its
+positions restarting after the context (a 4D attention mask and position ids), which is exactly what a forward on
+context + option alone computes, for the context's cost once instead of once per option (3x fewer tokens on BBQ,
+4x on MMLU). A self-check on the first packed row compares it with its options scored one by one and turns
+packing off for a model whose attention does not honour a 4D mask. Rows are sorted by length and cut into batches
+of at most `batch_size` scored sequences; each batch is right-padded (padding attends to itself only) and run in
+one forward. Only the positions that predict continuation tokens go through the LM head (the model's hidden
+states, gathered), which a second self-check compares with the model's own logits; a model whose head does more
+than a linear layer (logit soft-capping, scaling) is scored from its full logits instead. Log-probabilities are
+log-softmax in float32 and summed in float64.
 """
 
 from __future__ import annotations
@@ -129,14 +134,36 @@ class Encoder:
         return Encoded(ids, enc.start - over, truncated=True)
 
 
-class LikelihoodScorer:
-    """Batched, exact per-sequence log-likelihoods of encoded requests on a loaded causal LM."""
+@dataclasses.dataclass
+class _Row:
+    """One row of a forward pass: a shared prefix and the continuations scored after it (their indices in the
+    caller's list). A row with several continuations is packed: each continuation attends to the prefix and to
+    itself only, with positions that restart after the prefix, which is what a forward on prefix + continuation
+    alone computes."""
 
-    def __init__(self, model: Any, *, batch_size: int = 16, pad_id: int = 0):
+    prefix: tuple[int, ...]
+    members: list[tuple[int, tuple[int, ...]]]
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(len(c) for _, c in self.members)
+
+
+class LikelihoodScorer:
+    """Batched, exact per-sequence log-likelihoods of encoded requests on a loaded causal LM.
+
+    Sequences that share their context (the options of one question) are packed into one row by default, so the
+    context runs through the model once instead of once per option (`pack`); a self-check on the first packed row
+    compares it with the options scored one by one and turns packing off for a model whose attention does not
+    take a 4D mask and position ids."""
+
+    def __init__(self, model: Any, *, batch_size: int = 16, pad_id: int = 0, pack: bool = True):
         self.model = model
         self.batch_size = batch_size
         self.pad_id = pad_id
+        self.pack = pack
         self._fast: bool | None = None
+        self._packs: bool | None = None if pack else False
 
     @property
     def device(self) -> Any:
@@ -146,46 +173,120 @@ class LikelihoodScorer:
         """The log-likelihood of each encoded sequence's scored span, in input order."""
         import torch
 
-        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].ids), i))
         results: list[LogLik | None] = [None] * len(encoded)
         with torch.inference_mode():
-            for b in range(0, len(order), self.batch_size):
-                batch = [encoded[i] for i in order[b:b + self.batch_size]]
-                for i, value in zip(order[b:b + self.batch_size], self._batch(batch)):
-                    results[i] = value
+            rows = self._rows(encoded)
+            if self._packs is None and any(len(r.members) > 1 for r in rows):
+                first = next(r for r in rows if len(r.members) > 1)
+                self._packs = self._check_packing(first)
+                if not self._packs:
+                    rows = self._rows(encoded)
+            rows.sort(key=lambda r: -r.length)
+            batch: list[_Row] = []
+            for row in rows + [None]:  # type: ignore[list-item]
+                if row is not None and (not batch or sum(len(r.members) for r in batch) + len(row.members)
+                                        <= self.batch_size):
+                    batch.append(row)
+                    continue
+                if batch:
+                    for (index, cont), value in zip([m for r in batch for m in r.members], self._forward(batch)):
+                        results[index] = LogLik(value, len(cont))
+                batch = [row] if row is not None else []
         return results  # type: ignore[return-value]
 
-    def _batch(self, batch: Sequence[Encoded]) -> list[LogLik]:
+    def _rows(self, encoded: Sequence[Encoded]) -> list[_Row]:
+        if not self._packs and self._packs is not None:
+            return [_Row(e.ids[:e.start], [(i, e.ids[e.start:])]) for i, e in enumerate(encoded)]
+        groups: dict[tuple[int, ...], _Row] = {}
+        for i, e in enumerate(encoded):
+            prefix = e.ids[:e.start]
+            row = groups.setdefault(prefix, _Row(prefix, []))
+            row.members.append((i, e.ids[e.start:]))
+        return list(groups.values())
+
+    def _forward(self, batch: Sequence[_Row], packed: bool | None = None) -> list[float]:
+        """One forward over the rows of `batch`: each member continuation's summed log-probability."""
         import torch
 
-        width = max(len(e.ids) for e in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        rows, positions, targets, owner = [], [], [], []
-        for r, e in enumerate(batch):
-            ids[r, :len(e.ids)] = torch.tensor(e.ids)
-            mask[r, :len(e.ids)] = 1
-            for t in range(e.start, len(e.ids)):  # token t is predicted at position t - 1
-                rows.append(r)
-                positions.append(t - 1)
-                targets.append(e.ids[t])
-                owner.append(r)
+        packed = bool(self._packs) if packed is None else packed
+        width = max(r.length for r in batch)
         device = self.device
-        ids, mask = ids.to(device), mask.to(device)
-        rows_t = torch.tensor(rows, device=device)
-        pos_t = torch.tensor(positions, device=device)
-        tgt_t = torch.tensor(targets, device=device)
-        if self._fast is None:
-            self._fast = self._check_fast_path(ids[:1, :len(batch[0].ids)])
-        if self._fast:
-            hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = self.model.get_output_embeddings()(hidden[rows_t, pos_t])
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
+        rows, where, targets, owner = [], [], [], []
+        member = 0
+        for r, row in enumerate(batch):
+            c = len(row.prefix)
+            ids[r, :c] = torch.tensor(row.prefix)
+            positions[r, :c] = torch.arange(c)
+            at = c
+            for _, cont in row.members:
+                n = len(cont)
+                ids[r, at:at + n] = torch.tensor(cont)
+                positions[r, at:at + n] = torch.arange(c, c + n)
+                for j, token in enumerate(cont):  # token j is predicted at the position before it
+                    rows.append(r)
+                    where.append(c - 1 if j == 0 else at + j - 1)
+                    targets.append(token)
+                    owner.append(member)
+                member += 1
+                at += n
+        if packed:
+            mask = self._mask(batch, width)
+            kwargs = {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
         else:
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[rows_t, pos_t]
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(1, tgt_t[:, None])[:, 0].double()
-        sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(
+            mask2 = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, row in enumerate(batch):
+                mask2[r, :row.length] = 1
+            kwargs = {"attention_mask": mask2.to(device)}
+        ids = ids.to(device)
+        rows_t, where_t = torch.tensor(rows, device=device), torch.tensor(where, device=device)
+        targets_t = torch.tensor(targets, device=device)
+        if self._fast is None:
+            plain = batch[0].prefix + batch[0].members[0][1]
+            self._fast = self._check_fast_path(torch.tensor([plain], device=device))
+        if self._fast:
+            hidden = self.model.base_model(input_ids=ids, **kwargs).last_hidden_state
+            logits = self.model.get_output_embeddings()(hidden[rows_t, where_t])
+        else:
+            logits = self.model(input_ids=ids, **kwargs).logits[rows_t, where_t]
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets_t[:, None])[:, 0].double()
+        sums = torch.zeros(member, dtype=torch.float64, device=device).index_add_(
             0, torch.tensor(owner, device=device), logp)
-        return [LogLik(float(s), e.scored) for s, e in zip(sums.tolist(), batch)]
+        return sums.tolist()
+
+    def _mask(self, batch: Sequence[_Row], width: int) -> Any:
+        """The 4D additive attention mask of packed rows: 0 where a query may attend, the dtype's minimum elsewhere;
+        padding attends to itself only (a fully masked row would turn into NaN and spread through the values)."""
+        import torch
+
+        dtype = next(self.model.parameters()).dtype
+        blocked = torch.finfo(dtype).min
+        mask = torch.full((len(batch), 1, width, width), blocked, dtype=dtype)
+        tril = torch.tril(torch.ones((width, width), dtype=torch.bool))
+        for r, row in enumerate(batch):
+            c = len(row.prefix)
+            mask[r, 0, :c, :c].masked_fill_(tril[:c, :c], 0.0)
+            at = c
+            for _, cont in row.members:
+                n = len(cont)
+                mask[r, 0, at:at + n, :c] = 0.0
+                mask[r, 0, at:at + n, at:at + n].masked_fill_(tril[:n, :n], 0.0)
+                at += n
+            for p in range(at, width):
+                mask[r, 0, p, p] = 0.0
+        return mask
+
+    def _check_packing(self, row: _Row) -> bool:
+        """Whether a packed row scores its continuations as they score alone (checked once, on real data)."""
+        import torch
+
+        try:
+            packed = self._forward([row], packed=True)
+        except (TypeError, ValueError, RuntimeError, IndexError):
+            return False
+        alone = [self._forward([_Row(row.prefix, [m])], packed=False)[0] for m in row.members]
+        return bool(torch.allclose(torch.tensor(packed), torch.tensor(alone), rtol=1e-5, atol=1e-4))
 
     def _check_fast_path(self, ids: Any) -> bool:
         """Whether hidden states x the output embedding reproduce the model's logits (no soft-capping, scaling or
