@@ -147,7 +147,7 @@ def build_probe(name: str, options: dict[str, Any] | None = None, where: str = "
         cls = load_function(name, "custom probe")
         model = getattr(cls, "options_model", ProbeOptions)
         return cls(build(model, options, f"{where} options"))
-    entry = REGISTRY.get(name)
+    entry = REGISTRY.get(ALIASES.get(name, name))
     if entry is None:
         raise ConfigError(f"unknown probe '{name}'; known: {', '.join(known_probes())}, or package.module:Class")
     return entry.factory(build(entry.options, options, f"{where} options"))
