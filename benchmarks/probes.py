@@ -73,7 +73,7 @@ def lm_eval_comparison(loaded, data: Path, n: int, out: Path) -> list[str]:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        return ["", f"lm-eval-harness is not installed: comparison skipped (`pip install lm-eval`)."]
+        return ["", "lm-eval-harness is not installed: comparison skipped (`pip install lm-eval`)."]
     tasks = tempfile.mkdtemp(prefix="probes-lm-eval-")
     sources = {"openbookqa": data / "mcqa" / "openbookqa.jsonl", "mmlu": data / "mcqa" / "mmlu.jsonl"}
     for name, source in sources.items():

@@ -165,7 +165,7 @@ def finetune_stage(processes: int, folder: Path) -> dict:
 def ray_stage(workers: int, folder: Path) -> dict:
     out = folder / f"gen-{workers}-{time.monotonic_ns()}"
     engine = ["--engine", "local"] if workers == 1 else ["--engine", "ray", "--workers", str(workers)]
-    seconds, _ = _run([sys.executable, "-m", "datasteer", "generate", str(folder / "prompts.jsonl"), "--teacher",
+    seconds, _ = _run([sys.executable, "-m", "datasteer", "generate", str(folder / "prompts.jsonl"), "--model",
                        "tiny:llama?hidden=128&layers=2&heads=4", "--k", "2", "--max-new-tokens", "32",
                        "--out", str(out), "-q", *engine], 1)
     rows = (out / "candidates.jsonl").read_bytes()
@@ -175,9 +175,9 @@ def ray_stage(workers: int, folder: Path) -> dict:
 # ---------------------------------------------------------------- driver
 
 def _close(a: object, b: object) -> bool:
-    """Equal, or for floats equal to float32 rounding (sums in another order)."""
+    """Equal, or for floats within 1e-3 relative: float32 sums in another order (a single small score moves ~1e-4)."""
     if isinstance(a, float) and isinstance(b, float):
-        return abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-12)
+        return abs(a - b) <= 1e-3 * max(abs(a), abs(b), 1e-12)
     return a == b
 
 
@@ -218,6 +218,8 @@ def main() -> None:
         detail = {k: v for k, v in results[2].items() if k != "seconds"}
         if name == "metagrad":
             detail["peak_growth_mb_rank0_1_process"] = results[1]["peak_growth_mb_rank0"]
+        if not same:
+            detail["one_process"] = {k: v for k, v in results[1].items() if k != "seconds"}
         print(f"| {name} | {t1:.1f} | {t2:.1f} | {t1 / t2:.2f}x | {t1 / (2 * t2):.0%} | "
               f"{'yes' if same else 'no'}: {json.dumps(detail)} |", flush=True)
 

@@ -5,7 +5,6 @@ items, model and prompt."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datasteer.errors import ConfigError, DatasteerError, InputError, MissingDependencyError
+from datasteer.errors import ConfigError, InputError, MissingDependencyError
 from datasteer.models import load_model
 from datasteer.probes import LogLik, ProbeConfig, Request, build_probe, expected_calibration_error, probe
 from datasteer.probes.bbq import bbq_item, stereotyped_answer
@@ -483,3 +482,24 @@ def test_mcqa_matches_lm_eval_harness_on_openbookqa_and_mmlu(tmp_path, tiny):
         assert [float(r["correct"]) for r in ours] == [r["metrics"]["acc"] for r in theirs]
         assert result.summary[ours_name]["accuracy"] == pytest.approx(
             result.summary["harness"]["tasks"][task]["metrics"]["acc"]["mean"])
+
+
+@needs_data
+def test_probe_command_line(tmp_path):
+    """`datasteer probe MODEL --benchmark NAME=PATH ... --limit N --out DIR`: rows per benchmark and summary.json
+    keyed by benchmark name; a malformed --benchmark is one line, exit 2, nothing written."""
+    from tests.conftest import DATASTEER, cli_env
+
+    out = tmp_path / "probe"
+    obqa, crows = DATA / "mcqa" / "openbookqa.jsonl", DATA / "crows-pairs" / "crows_pairs_anonymized.csv"
+    proc = subprocess.run(DATASTEER + ["probe", "tiny:llama", "--benchmark", f"openbookqa={obqa}",
+                                       "--benchmark", f"crows_pairs={crows}", "--limit", "4", "--out", str(out), "-q"],
+                          capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"openbookqa", "crows_pairs"}
+    assert len((out / "openbookqa.jsonl").read_text().splitlines()) == 4
+    assert "openbookqa: accuracy" in proc.stdout
+    bad = subprocess.run(DATASTEER + ["probe", "tiny:llama", "--benchmark", "bbq", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -356,6 +356,32 @@ def profile(
                  f"{s['sampling']['temperature']}) -> {result.path}", result.metrics, "p5", "p95")
 
 
+@app.command()
+def probe(
+    model: Optional[str] = typer.Argument(None, help="model spec: embedded:smollm2, a fine-tuned model/ directory, "
+                                          "an HF id"),
+    out: Path = OUT, config: Optional[str] = RECIPE, set_: list[str] = SET,
+    benchmark: list[str] = typer.Option([], "--benchmark", "-b", help="NAME=PATH (bbq, stereoset, crows_pairs, mcqa, "
+                                        "openbookqa, mmlu, lm_eval, ...; a local file/folder or hf:OWNER/NAME); "
+                                        "repeatable"),
+    limit: Optional[int] = typer.Option(None, help="at most N items per benchmark (a seeded sample)"),
+    batch_size: Optional[int] = typer.Option(None, help="sequences per forward pass (default 16)"),
+    seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+) -> None:
+    """Score a model, without sampling, on likelihood benchmarks (social bias, calibration): rows and summary.json."""
+    from datasteer.probes import probe as run_probe
+    from datasteer.probes.config import ProbeConfig, parse_benchmark
+
+    benchmarks = dict(parse_benchmark(b) for b in benchmark) or None
+    data = _flags(model=model, benchmarks=benchmarks, limit=limit, batch_size=batch_size, seed=seed)
+    cfg = _config(ProbeConfig, config, set_, data)
+    result = run_probe(cfg, out, overwrite=overwrite, progress=not quiet)
+    for name, entry in result.summary.items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if isinstance(v, float))
+        say(f"{name}: {shown}")
+    say(f"-> {result.run_dir}")
+
+
 @app.command("compare")
 def compare_profiles(
     profiles: list[Path] = typer.Argument(..., help="profile run directories; the first is the baseline"),
