@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import tempfile
@@ -28,21 +27,9 @@ import torch
 from datasteer.models import load_model
 from datasteer.probes import ProbeConfig, build_probe, probe
 from datasteer.probes.data import resolve_source
+from datasteer.probes.lm_eval_harness import write_mcqa_task
 
 ROOT = Path(__file__).resolve().parents[1]
-LM_EVAL_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: choices
-doc_to_target: label
-metric_list:
-  - metric: acc
-"""
 
 
 def benchmarks(data: Path) -> dict[str, str]:
@@ -77,11 +64,7 @@ def lm_eval_comparison(loaded, data: Path, n: int, out: Path) -> list[str]:
     tasks = tempfile.mkdtemp(prefix="probes-lm-eval-")
     sources = {"openbookqa": data / "mcqa" / "openbookqa.jsonl", "mmlu": data / "mcqa" / "mmlu.jsonl"}
     for name, source in sources.items():
-        items = build_probe("mcqa").load(resolve_source(str(source)))[:n]
-        path = Path(tasks) / f"ds_{name}.jsonl"
-        path.write_text("".join(json.dumps({"question": it["question"], "choices": it["options"],
-                                            "label": it["label"]}) + "\n" for it in items))
-        (Path(tasks) / f"ds_{name}.yaml").write_text(LM_EVAL_TASK.format(name=f"ds_{name}", path=path))
+        write_mcqa_task(build_probe("mcqa").load(resolve_source(str(source)))[:n], tasks, f"ds_{name}")
     config = ProbeConfig(model=loaded.spec, limit=n, sample="first", scoring={"bos": "none", "score": "sum"},
                          benchmarks={**{k: str(v) for k, v in sources.items()},
                                      "harness": {"source": "ds_openbookqa,ds_mmlu", "probe": "lm_eval",

@@ -82,3 +82,22 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 DATASTEER = [sys.executable, "-m", "datasteer"]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for a launch's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(launcher: str, *module_args: str) -> list[str]:
+    """`python -m MODULE ARGS` started as 2 processes on this machine by `launcher`: "torchrun", or "accelerate"
+    (`accelerate launch --multi_gpu`: on a machine without GPUs that is accelerate's way to two CPU processes, its
+    torchrun launcher; `--cpu --num_processes 2` would start ONE)."""
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port()), "-m", *module_args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "-m", *module_args]

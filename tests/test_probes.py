@@ -17,10 +17,18 @@ import pytest
 
 from datasteer.errors import ConfigError, InputError, MissingDependencyError
 from datasteer.models import load_model
-from datasteer.probes import LogLik, ProbeConfig, Request, build_probe, expected_calibration_error, probe
+from datasteer.probes import (
+    LogLik,
+    ProbeConfig,
+    Request,
+    build_probe,
+    expected_calibration_error,
+    probe,
+)
 from datasteer.probes.bbq import bbq_item, stereotyped_answer
 from datasteer.probes.crows_pairs import crows_scores
 from datasteer.probes.data import resolve_source
+from datasteer.probes.lm_eval_harness import write_mcqa_task
 from datasteer.probes.scoring import Encoder, LikelihoodScorer
 from datasteer.probes.stereoset import stereoset_scores
 
@@ -439,19 +447,6 @@ def test_hub_rows_turn_class_labels_into_names(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------ lm-eval-harness on the same items
 
-LM_EVAL_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: choices
-doc_to_target: label
-metric_list:
-  - metric: acc
-"""
 
 
 @needs_data
@@ -462,11 +457,7 @@ def test_mcqa_matches_lm_eval_harness_on_openbookqa_and_mmlu(tmp_path, tiny):
     pytest.importorskip("lm_eval")
     n = 12
     for name, source in (("ds_obqa", OBQA), ("ds_mmlu", MMLU)):
-        items = build_probe("mcqa").load(resolve_source(str(source)))[:n]
-        with open(tmp_path / f"{name}.jsonl", "w") as fh:
-            for it in items:
-                fh.write(json.dumps({"question": it["question"], "choices": it["options"], "label": it["label"]}) + "\n")
-        (tmp_path / f"{name}.yaml").write_text(LM_EVAL_TASK.format(name=name, path=tmp_path / f"{name}.jsonl"))
+        write_mcqa_task(build_probe("mcqa").load(resolve_source(str(source)))[:n], tmp_path, name)
     sum_scoring = {"score": "sum"}
     config = ProbeConfig(model=TINY, limit=n, sample="first", scoring={"bos": "none"}, benchmarks={
         "openbookqa": {"source": str(OBQA), "options": sum_scoring},

@@ -16,9 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 from datasteer.dpg.sampling import KeyedSampler
-from tests.conftest import cli_env
+from tests.conftest import cli_env, two_processes
 from tests.test_dpg_trainer import recipe
-from tests.test_scaling_metagrad import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,11 +45,8 @@ def test_two_processes_under_accelerate_launch_equal_one_process(tmp_path):
     one = subprocess.run([sys.executable, "-m", "datasteer", "dpg", str(path), "--out", str(tmp_path / "one"),
                           "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "--main_process_port", str(free_port()),
-                          "-m", "datasteer", "dpg", str(path), "--out", str(tmp_path / "two"), "--quiet"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(two_processes("accelerate", "datasteer", "dpg", str(path), "--out", str(tmp_path / "two"),
+                                       "--quiet"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     for arm in ("dpg", "naive"):
         rows = {n: [json.loads(line) for line in (tmp_path / n / arm / "metrics.jsonl").read_text().splitlines()]
@@ -128,10 +124,7 @@ def test_two_processes_killed_resume_to_the_metrics_of_one(tmp_path):
     assert single.returncode == 0, single.stderr[-2000:]
 
     def launch() -> list[str]:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port()),
-                "-m", "datasteer", "dpg", str(path), "--out", str(tmp_path / "two"), "-q"]
+        return two_processes("accelerate", "datasteer", "dpg", str(path), "--out", str(tmp_path / "two"), "-q")
 
     proc = subprocess.Popen(launch(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,8 @@ from datasteer.inheritance.config import FinetuneConfig
 from datasteer.inheritance.finetune import finetune, model_from_saved, save_model, sft_arguments, steps_per_epoch
 from datasteer.models import load_model, load_tokenizer
 from datasteer.training import checkpoint_world_size, latest_checkpoint
-from tests.conftest import TINY, cli_env
+from tests.conftest import TINY, cli_env, free_port
+from tests.conftest import two_processes as two_process_command
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "accelerate"
@@ -81,22 +81,10 @@ def write_rows(path: Path, copies: int) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher(kind: str) -> list[str]:
-    """Two processes on this machine. `accelerate launch --cpu --num_processes 2` starts ONE (see
-    test_accelerate_cpu_flag_trains_in_one_process_and_says_so); on a machine without GPUs `--multi_gpu` is
-    accelerate's way to two CPU processes (it runs torch.distributed.run, and the Trainer picks gloo)."""
-    if kind == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port()), "-m", "datasteer", "finetune"]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(free_port()), "-m", "datasteer", "finetune"]
+    """`datasteer finetune` on two processes (see `two_processes`; `accelerate launch --cpu --num_processes 2`
+    starts ONE: test_accelerate_cpu_flag_trains_in_one_process_and_says_so)."""
+    return two_process_command(kind, "datasteer", "finetune")
 
 
 def launch_env(audit: Path | None = None, out: Path | None = None) -> dict[str, str]:

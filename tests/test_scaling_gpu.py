@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import cli_env
+from tests.conftest import cli_env, two_processes
 from tests.distributed_metagrad import CASES, run_cases
-from tests.test_scaling_metagrad import REL, close, free_port
+from tests.test_scaling_metagrad import REL, close
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu
@@ -27,9 +27,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_nccl_metagradients_equal_one_cpu_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                           "-m", "tests.distributed_metagrad", str(tmp_path), "nccl"],
+    proc = subprocess.run(two_processes("torchrun", "tests.distributed_metagrad", str(tmp_path), "nccl"),
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = run_cases("cpu")

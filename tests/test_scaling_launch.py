@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from datasteer import distributed
 from datasteer.errors import ConfigError
-from tests.conftest import cli_env
-from tests.test_scaling_metagrad import free_port
+from tests.conftest import cli_env, two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,10 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_a_one_process_stage_under_torchrun_refuses_on_every_rank(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt_id": "1", "completion": "a b c"}) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                           "-m", "datasteer", "score", str(rows), "--metrics", "length_words",
-                           "--out", str(tmp_path / "out")],
+    proc = subprocess.run(two_processes("torchrun", "datasteer", "score", str(rows), "--metrics", "length_words",
+                                        "--out", str(tmp_path / "out")),
                           cwd=ROOT, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("datasteer: error: ")]

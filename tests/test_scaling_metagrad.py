@@ -5,7 +5,6 @@ and AdamW, micro-batched, with uneven steps and a replayed schedule."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import two_processes
 from tests.distributed_metagrad import CASES, run_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 REL = 1e-10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,9 +28,7 @@ def close(a: torch.Tensor, b: torch.Tensor) -> float:
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                           "-m", "tests.distributed_metagrad", str(out)],
+    proc = subprocess.run(two_processes("torchrun", "tests.distributed_metagrad", str(out)),
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"rank-{r}.pt", weights_only=False) for r in range(2)]
@@ -85,9 +77,7 @@ def test_attribute_under_torchrun_writes_once_the_scores_of_one_process(tmp_path
     one = subprocess.run([sys.executable, "-m", "datasteer", *args, "--out", str(tmp_path / "one.jsonl")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                          "-m", "datasteer", *args, "--out", str(tmp_path / "two.jsonl")],
+    two = subprocess.run(two_processes("torchrun", "datasteer", *args, "--out", str(tmp_path / "two.jsonl")),
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     scores = {n: torch.tensor([json.loads(line)["metagrad"]

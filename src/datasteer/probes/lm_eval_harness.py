@@ -18,8 +18,10 @@ Offline, a task whose data lives on the hub fails with lm-eval's own message, tu
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -29,6 +31,33 @@ from datasteer.errors import InputError, MissingDependencyError
 from datasteer.probes.base import Source, register
 
 INSTALL = "pip install lm-eval"
+
+_MCQA_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+def write_mcqa_task(items: Sequence[dict[str, Any]], folder: str | Path, name: str) -> Path:
+    """Multiple-choice items (`question`, `options`, `label`, as the `mcqa` probe loads them) as an lm-eval task over a
+    local file: `folder/name.jsonl` and `folder/name.yaml` (context = the question, continuations = the options).
+    Point `include_path` at `folder` and run task `name`, offline. Returns the YAML's path."""
+    folder = Path(folder)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"question": it["question"], "choices": it["options"], "label": it["label"]})
+                            + "\n" for it in items), encoding="utf-8")
+    task = folder / f"{name}.yaml"
+    task.write_text(_MCQA_TASK.format(name=name, path=data), encoding="utf-8")
+    return task
 
 
 class LMEvalOptions(StrictModel):
