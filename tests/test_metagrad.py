@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from datasteer.errors import ConfigError, InputError
 from datasteer.metagrad import TrainingConfig, metagradients, train
 from datasteer.metagrad.checkpoint import plan, simulate
-from datasteer.metagrad.data import step_batches
+from datasteer.metagrad.data import step_batches, step_denominators
 
 VOCAB = 32
 
@@ -103,6 +103,15 @@ CASES = {
                                      schedule="linear", warmup_steps=1), 1e-7),
     "sgd-microbatch-cosine": (dict(optimizer="sgd", learning_rate=0.1, momentum=0.5, batch_size=4, micro_batch_size=1,
                                    schedule="cosine", warmup_steps=1, epochs=3), 1e-5),
+    # the DPG authors' settings (docs/dpg.md), each changing the math: loss_i over max_length, micro-batch means
+    # summed (uneven micro-batches of 2 and 1), optax's eps_root inside Adam's square root, and all of them at once
+    "sgd-loss-over-max-length": (dict(optimizer="sgd", learning_rate=0.5, loss_normalization="max_length",
+                                      max_length=12), 1e-5),
+    "sgd-momentum-summed-microbatches": (dict(optimizer="sgd", learning_rate=0.05, momentum=0.9, micro_batch_size=2,
+                                              accumulation="sum"), 1e-5),
+    "adamw-eps-root": (dict(optimizer="adamw", learning_rate=0.01, eps_root=1e-6), 1e-7),
+    "adamw-authors": (dict(optimizer="adamw", learning_rate=0.01, eps_root=1e-9, micro_batch_size=2,
+                           accumulation="sum", loss_normalization="max_length", max_length=12), 1e-7),
 }
 
 
@@ -152,7 +161,8 @@ def test_llama_scores_at_non_unit_weights(monkeypatch, overrides, weights):
 @pytest.mark.parametrize("optimizer", [
     dict(optimizer="sgd", weight_decay=0.1), dict(optimizer="sgd", momentum=0.9, dampening=0.2, weight_decay=0.1),
     dict(optimizer="sgd", momentum=0.9, nesterov=True), dict(optimizer="adam", weight_decay=0.1),
-    dict(optimizer="adamw", weight_decay=0.1), dict(optimizer="adamw", weight_decay=0.0)])
+    dict(optimizer="adamw", weight_decay=0.1), dict(optimizer="adamw", weight_decay=0.0),
+    dict(optimizer="adamw", eps_root=1e-3), dict(optimizer="adam", eps_root=1e-9, weight_decay=0.1)])
 @pytest.mark.parametrize("step", [0, 3])
 def test_optimizer_vjp_matches_autograd(optimizer, step):
     """The hand-written VJP of each update against autograd through the same update, incl. v = 0 coordinates."""
@@ -337,6 +347,110 @@ def test_refusals():
     with pytest.raises(ValueError, match="not a size"):
         TrainingConfig(memory_budget="lots")
     assert TrainingConfig(memory_budget="2GiB").memory_budget == 2 * 2**30
+
+
+# -- the DPG authors' settings (docs/dpg.md); their metagradients are checked in CASES above ------------------
+def test_loss_over_max_length_is_the_summed_token_loss_over_max_length():
+    """loss_i = summed token loss / max_length = the default's mean token loss reweighted by n_i / max_length."""
+    model, examples = tiny_gpt2(), make_examples()
+    mean = TrainingConfig(optimizer="sgd", learning_rate=0.5, batch_size=3, epochs=2, dtype="float64", max_length=8)
+    full = mean.model_copy(update={"loss_normalization": "max_length"})
+    trained = torch.tensor([sum(label != -100 for label in e.get("labels", e["input_ids"])[1:8]) for e in examples],
+                           dtype=torch.float64)
+    reweighted = train(model, examples, mean, weights=trained / 8)
+    for name, p in train(model, examples, full).items():
+        torch.testing.assert_close(p, reweighted[name], rtol=1e-12, atol=1e-14)
+    assert not torch.equal(reweighted["transformer.wte.weight"], train(model, examples, mean)["transformer.wte.weight"])
+
+
+def test_summed_micro_batches_are_the_mean_times_their_number():
+    """accumulation 'sum' over 3 micro-batches of 1 is the batch mean at 3 x the learning rate (SGD), values and
+    metagradients alike; micro-batches are cut from the whole step, so a rank's share does not change them."""
+    model, examples = tiny_gpt2(), make_examples()
+    summed = TrainingConfig(optimizer="sgd", learning_rate=0.05, batch_size=3, micro_batch_size=1, epochs=2,
+                            dtype="float64", accumulation="sum")
+    mean = summed.model_copy(update={"accumulation": "mean", "learning_rate": 0.15})
+    a, b = (metagradients(model, examples, heldout_metric, c) for c in (summed, mean))
+    assert a.value == pytest.approx(b.value, rel=1e-12)
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-10, atol=0.0)
+    assert a.losses == pytest.approx([3 * loss for loss in b.losses], rel=1e-12)
+    uneven = TrainingConfig(batch_size=5, micro_batch_size=2, accumulation="sum")
+    assert step_denominators(5, uneven) == [2, 2, 2, 2, 1]
+    assert step_denominators(5, uneven.model_copy(update={"accumulation": "mean"})) == [5] * 5
+
+
+def _optax_adamw(params, grads_per_step, lr, b1, b2, eps, eps_root, wd):
+    """optax.adamw as its code reads (scale_by_adam, add_decayed_weights, scale_by_learning_rate), written out."""
+    mu = [torch.zeros_like(p) for p in params]
+    nu = [torch.zeros_like(p) for p in params]
+    for t, grads in enumerate(grads_per_step, start=1):
+        out = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            mu[i] = b1 * mu[i] + (1 - b1) * g
+            nu[i] = b2 * nu[i] + (1 - b2) * g * g
+            mu_hat, nu_hat = mu[i] / (1 - b1**t), nu[i] / (1 - b2**t)
+            out.append(p - lr * (mu_hat / (torch.sqrt(nu_hat + eps_root) + eps) + wd * p))
+        params = out
+    return params
+
+
+def test_eps_root_is_optax_adam():
+    from datasteer.metagrad.optim import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(4, 3, generator=g, dtype=torch.float64)]
+    steps = [[torch.randn(4, 3, generator=g, dtype=torch.float64) * 1e-4] for _ in range(3)]
+    steps[1][0][0] = 0.0  # a row without gradient for a step
+    config = TrainingConfig(optimizer="adamw", betas=(0.9, 0.95), eps=1e-8, eps_root=1e-9, weight_decay=1e-4)
+    opt = make_optimizer(config)
+    ours, slots = params, opt.init(params)
+    for t, grads in enumerate(steps):
+        ours, slots = opt.update(ours, slots, grads, 5e-6, t)
+    reference = _optax_adamw(params, steps, 5e-6, 0.9, 0.95, 1e-8, 1e-9, 1e-4)
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-14, atol=1e-18)
+    without = make_optimizer(config.model_copy(update={"eps_root": 0.0}))
+    plain, slots = params, without.init(params)
+    for t, grads in enumerate(steps):
+        plain, slots = without.update(plain, slots, grads, 5e-6, t)
+    assert (plain[0] - ours[0]).abs().max() > 1e-9  # at gradients ~1e-4, eps_root 1e-9 changes the steps
+    with pytest.raises(ValueError, match="eps_root"):
+        TrainingConfig(optimizer="sgd", eps_root=1e-9)
+
+
+def untied_head_metric(model, params):
+    """A pattern pushed into a slice of the untied LM head (not the embedding)."""
+    block = params["lm_head.weight"][:4, :5]
+    pattern = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0]] * 4, dtype=block.dtype)
+    return -F.softplus(-5.0 * pattern * block).mean()
+
+
+@pytest.mark.parametrize("overrides, h", [
+    (dict(optimizer="sgd", learning_rate=0.1, momentum=0.9), 1e-5),
+    (dict(optimizer="adamw", learning_rate=0.01, eps_root=1e-9), 1e-7),
+], ids=["sgd-momentum", "adamw-eps-root"])
+@pytest.mark.parametrize("metric", [heldout_metric, untied_head_metric], ids=["heldout-loss", "head-weights"])
+def test_untied_head_scores_match_central_differences(overrides, h, metric):
+    """`target.untie` (the DPG authors' GPT-2): the LM head a parameter of its own, equal to the embedding at first;
+    they then train apart, and the metagradients through both match finite differences."""
+    from datasteer.dpg.targets import untie_lm_head
+
+    tied, model = tiny_gpt2(), tiny_gpt2()
+    assert untie_lm_head(model) == "lm_head.weight"
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    model.tie_weights()  # the config no longer ties them: a later tie_weights leaves them apart
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    with pytest.raises(ConfigError, match="already separate"):
+        untie_lm_head(model)
+    examples = make_examples()
+    config = TrainingConfig(**{**BASE, **overrides})
+    params = train(model, examples, config)
+    assert (params["lm_head.weight"] - params["transformer.wte.weight"]).abs().max() > 1e-4
+    result = metagradients(model, examples, metric, config)
+    fd = finite_differences(model, examples, metric, config, h)
+    assert relative_error(result.scores, fd) <= 1e-6, (result.scores, fd)
+    if metric is heldout_metric:  # untying changes the trained model, so the scores too
+        assert relative_error(result.scores, metagradients(tied, examples, metric, config).scores) > 1e-3
 
 
 # -- datasteer attribute -------------------------------------------------------------------------------

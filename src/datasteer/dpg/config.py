@@ -3,8 +3,10 @@
 A recipe names a generator, a target and what the target should become (`target`, one of the kinds in
 `datasteer.dpg.targets`, chosen by `kind`), how the target is fine-tuned inside every reward (`training`, the
 metagradient engine's `TrainingConfig`), and how the generator is trained (`grpo`: TRL's GRPOConfig names, any
-other GRPOConfig argument in `grpo.trl`). Defaults follow the DPG paper's public code: 4 rollouts per prompt,
-clip 0.2, no KL term, group-normalised advantages, the target reset to its initial weights at every policy step.
+other GRPOConfig argument in `grpo.trl`), and how rewards become advantages (`advantages`). Defaults follow the DPG
+paper's public code: 4 rollouts per prompt, clip 0.2, no KL term, group-normalised advantages, the target reset to
+its initial weights at every policy step; where datasteer's default differs from the authors' code, the option
+that gives theirs is named in docs/dpg.md.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class GRPOSpec(StrictModel):
 
     renamed: ClassVar[dict[str, str]] = {"steps": "max_steps", "kl_beta": "beta"}  # datasteer 0.1 -> TRL's names
 
-    max_steps: int = Field(100, ge=1, description="policy steps")
+    max_steps: int = Field(100, ge=1, description="generator updates (TRL's optimizer steps); one batch of "
+                           "rollouts is sampled and rewarded every steps_per_generation x num_iterations updates")
     prompts_per_step: int = Field(16, ge=1, description="prompts per policy step (each sampled num_generations "
                                   "times)")
     num_generations: int = Field(4, ge=2, description="rollouts per prompt (k)")
@@ -50,15 +53,30 @@ class GRPOSpec(StrictModel):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     learning_rate: float = Field(1e-6, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay of the generator (the DPG "
+                                "authors: 0.01); transformers' Trainer leaves biases and norm weights undecayed")
     max_grad_norm: float = Field(1.0, gt=0)
     epsilon: float = Field(0.2, gt=0, description="PPO clip range")
     beta: float = Field(0.0, ge=0, description="KL penalty to the reference (initial) generator; 0 = none")
-    num_iterations: int = Field(1, ge=1, description="policy updates per batch of rollouts")
+    num_iterations: int = Field(1, ge=1, description="passes over each batch of rollouts (PPO epochs)")
+    steps_per_generation: int = Field(
+        1, ge=1, description="generator updates per batch of rollouts: TRL shuffles the step's rollouts and takes one "
+        "optimizer step on each of this many equal mini-batches (verl's train_batch_size / ppo_mini_batch_size; the "
+        "DPG authors: one update per 128 rollouts). max_steps, save_steps and validation.every count updates")
     gradient_checkpointing: bool = False
     use_vllm: bool = False
     trl: dict[str, Any] = Field(default_factory=dict, description="any other trl.GRPOConfig argument, passed "
                                 "through (e.g. report_to, lr_scheduler_type, vllm_mode)")
+
+
+class AdvantageSpec(StrictModel):
+    """advantage = (reward - mean) / (std + eps), per prompt group (DPG) or over the step's batch (naive)."""
+
+    std: Literal["population", "unbiased"] = Field(
+        "population", description="population (divide by n) or unbiased (n - 1, torch.std's default, as verl and "
+                                  "the DPG authors) standard deviation")
+    eps: float = Field(1e-6, ge=0, description="added to the std (the DPG authors: 1e-6, which outweighs the std of "
+                       "raw metagradients of ~1e-9)")
 
 
 class ValidationSpec(StrictModel):
@@ -81,6 +99,7 @@ class DPGConfig(StrictModel):
     target: TargetSpec
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     grpo: GRPOSpec = Field(default_factory=GRPOSpec)
+    advantages: AdvantageSpec = Field(default_factory=AdvantageSpec)
     prompts: PromptsConfig
     eval_prompts: PromptsConfig | None = None
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
@@ -92,6 +111,11 @@ class DPGConfig(StrictModel):
             raise ValueError(f"baselines repeats the main reward '{self.reward}'")
         if self.grpo.use_vllm and self.generator.allowed_tokens != "all":
             raise ValueError("allowed_tokens needs the transformers generation path (use_vllm false)")
+        block = self.grpo.steps_per_generation * self.grpo.num_iterations
+        if self.save_steps % block:
+            # a checkpoint inside a batch's block of updates would make a resumed run sample that batch again
+            raise ValueError(f"save_steps ({self.save_steps}) must be a multiple of grpo.steps_per_generation x "
+                             f"grpo.num_iterations ({block}): a run resumes at the start of a batch of rollouts")
         return self
 
     @property

@@ -28,7 +28,7 @@ from datasteer.training import (
 )
 
 SET_BY_DATASTEER = (
-    "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+    "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size",
     "scale_rewards", "save_strategy", "save_steps", "save_only_model", "seed", "data_seed", "use_cpu", "bf16", "fp16",
     "remove_unused_columns", "logging_nan_inf_filter",
 )
@@ -50,18 +50,20 @@ def check_grpo_section(grpo: GRPOSpec) -> None:
 
 def grpo_arguments(grpo: GRPOSpec, output_dir: Path, seed: int, save_steps: int, generator: torch.nn.Module,
                    processes: int = 1) -> Any:
-    """trl.GRPOConfig: one optimizer step per batch of `prompts_per_step` x `num_generations` rollouts, rewards
-    taken as they come (`scale_rewards="none"`: they are already advantages), full checkpoints for resume. On
-    several processes each generates and trains on its 1/`processes` of that batch (the global batch stays the
-    recipe's)."""
+    """trl.GRPOConfig: a batch of `prompts_per_step` x `num_generations` rollouts sampled and rewarded at once
+    (TRL's generation batch), then `steps_per_generation` optimizer steps on as many mini-batches of it (TRL's own
+    mechanism: per_device_train_batch_size is the mini-batch, no gradient accumulation), rewards taken as they
+    come (`scale_rewards="none"`: they are already advantages), full checkpoints for resume. On several processes
+    each generates and trains on its 1/`processes` of that batch (the global batch stays the recipe's)."""
     from trl import GRPOConfig
 
     param = next(generator.parameters())
     owned = dict(
         **grpo.model_dump(exclude=set(OWN_FIELDS)),
         output_dir=str(output_dir),
-        per_device_train_batch_size=grpo.prompts_per_step * grpo.num_generations // processes,
-        gradient_accumulation_steps=1, steps_per_generation=1, scale_rewards="none",
+        per_device_train_batch_size=grpo.prompts_per_step * grpo.num_generations // processes
+        // grpo.steps_per_generation,
+        gradient_accumulation_steps=1, scale_rewards="none",
         save_strategy="steps", save_steps=save_steps, save_only_model=False, seed=seed, data_seed=seed,
         use_cpu=param.device.type == "cpu", bf16=param.dtype == torch.bfloat16, fp16=param.dtype == torch.float16,
         remove_unused_columns=False,

@@ -55,8 +55,8 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 class StepRecords:
     """The hand-off from the reward function to the step logger: each reward call appends the record of its
-    batch of rollouts; a policy step's row takes the latest (with num_iterations > 1 TRL takes several optimizer
-    steps on one batch, so consecutive rows share it)."""
+    batch of rollouts; an update's row takes the latest (with steps_per_generation or num_iterations > 1 TRL takes
+    several optimizer steps on one batch, so consecutive rows share it)."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
@@ -69,8 +69,9 @@ class StepRecords:
 
 
 class StepLogger:
-    """Writes an arm's metrics rows: step 0 when training begins on a fresh run, then one row per policy step,
-    validated every `every` steps and after the last; prints a progress line per step when `say` is given."""
+    """Writes an arm's metrics rows: step 0 when training begins on a fresh run, then one row per generator update
+    (TRL's optimizer step), validated every `every` steps and after the last; prints a progress line per step when
+    `say` is given."""
 
     def __init__(self, arm: str, grpo: GRPOSpec, every: int, records: StepRecords,
                  validate: Callable[[int, torch.nn.Module], dict[str, Any]], untrained: Callable[[], dict[str, float]],
@@ -82,6 +83,7 @@ class StepLogger:
         say = say if writes else None
         self.validate, self.untrained, self.path, self.done_step, self.say = validate, untrained, path, done_step, say
         self.batch = grpo.prompts_per_step * grpo.num_generations
+        self.updates_per_batch = grpo.steps_per_generation * grpo.num_iterations
         self.started = time.perf_counter()
 
     def on_train_begin(self, model: torch.nn.Module) -> None:
@@ -92,8 +94,8 @@ class StepLogger:
                 append_jsonl(self.path, row)
 
     def on_step_end(self, step: int, model: torch.nn.Module) -> None:
-        # with num_iterations > 1, TRL takes that many optimizer steps on each batch of rollouts
-        batches = -(-step // self.grpo.num_iterations)
+        # TRL takes steps_per_generation x num_iterations optimizer steps on each batch of rollouts
+        batches = -(-step // self.updates_per_batch)
         row = {"step": step, "examples_seen": batches * self.batch, **self.records.latest()}
         if step % self.every == 0 or step == self.grpo.max_steps:
             row["validation"] = self.validate(step, model)

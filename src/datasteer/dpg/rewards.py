@@ -8,6 +8,9 @@ rollouts' response text, re-tokenised with the target's tokenizer and truncated 
 - Naive: split the rollouts into k datasets (the j-th rollout of every prompt goes to dataset j), fine-tune on
   each, and reward every example with its dataset's Phi; advantages are normalised over the whole batch.
 
+Normalisation: (r - mean) / (std + eps), the std the population's (default) or the unbiased one (`advantages.std`,
+the DPG authors' choice through verl), eps `advantages.eps` (1e-6 for both).
+
 `RewardFunction` is the callable TRL's GRPOTrainer calls with a generation batch: rollouts -> target rewards ->
 normalised advantages; it appends the record of each batch to the arm's `StepRecords`.
 """
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor
 
 from datasteer import distributed
+from datasteer.dpg.config import AdvantageSpec
 from datasteer.dpg.records import StepRecords
 from datasteer.errors import InputError
 from datasteer.metagrad import Target, TrainingConfig, metagradients, train
@@ -99,23 +103,24 @@ def naive_rewards(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], 
     return Rewards(rewards, mean_phi, {"phi": mean_phi}, trained, {"phi_per_split": phis})
 
 
-def group_advantages(rewards: Tensor, groups: Sequence[int], eps: float = 1e-6) -> Tensor:
-    """(r - group mean) / (group std + eps), per prompt group (DPG); population std (ddof 0, as jnp.std in the
-    DPG reference code). A group whose rewards are all equal gets advantages 0."""
+def group_advantages(rewards: Tensor, groups: Sequence[int], eps: float = 1e-6, unbiased: bool = False) -> Tensor:
+    """(r - group mean) / (group std + eps), per prompt group (DPG); the population std (ddof 0) unless `unbiased`
+    (ddof 1: torch.std's default, which verl's GRPO advantage and so the DPG authors use). A group whose rewards
+    are all equal gets advantages 0."""
     rewards = rewards.double()
     out = torch.zeros_like(rewards)
     index = torch.as_tensor(groups)
     for g in index.unique():
         mask = index == g
         r = rewards[mask]
-        out[mask] = (r - r.mean()) / (r.std(unbiased=False) + eps)
+        out[mask] = (r - r.mean()) / (r.std(unbiased=unbiased) + eps)
     return out
 
 
-def batch_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+def batch_advantages(rewards: Tensor, eps: float = 1e-6, unbiased: bool = False) -> Tensor:
     """(r - batch mean) / (batch std + eps) (the naive baseline: every example of a split shares its reward)."""
     rewards = rewards.double()
-    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
+    return (rewards - rewards.mean()) / (rewards.std(unbiased=unbiased) + eps)
 
 
 # ---------------------------------------------------------------- the reward function TRL calls
@@ -135,8 +140,10 @@ class RewardFunction:
     """Called by GRPOTrainer with the whole generation batch; returns normalised advantages as rewards and
     appends the batch's record (reward statistics, Phi, readout, a sample) to `records`."""
 
-    def __init__(self, arm: str, num_generations: int, inner: InnerLoop, tokenizer: Any, records: StepRecords):
+    def __init__(self, arm: str, num_generations: int, inner: InnerLoop, tokenizer: Any, records: StepRecords,
+                 advantages: AdvantageSpec | None = None):
         self.arm = arm
+        self.advantages = advantages or AdvantageSpec()
         self.__name__ = f"{arm}_reward"
         self.k = num_generations
         self.inner = inner
@@ -168,13 +175,16 @@ class RewardFunction:
         if self.arm == "dpg":
             groups = [i // self.k for i in range(len(texts))]  # TRL's sampler repeats each prompt k times in a row
             result = dpg_rewards(inner.model, inner.tokenizer, texts, inner.target, inner.training)
-            advantages = group_advantages(result.rewards, groups)
+            advantages = group_advantages(result.rewards, groups, **self._normalisation())
         else:
             splits = [i % self.k for i in range(len(texts))]
             result = naive_rewards(inner.model, inner.tokenizer, texts, splits, inner.target, inner.training)
-            advantages = batch_advantages(result.rewards)
+            advantages = batch_advantages(result.rewards, **self._normalisation())
         self.records.append(step_record(result, texts, completion_ids, time.perf_counter() - start))
         return advantages.tolist()
+
+    def _normalisation(self) -> dict[str, Any]:
+        return {"eps": self.advantages.eps, "unbiased": self.advantages.std == "unbiased"}
 
 
 def step_record(result: Rewards, texts: list[str], completion_ids: list[list[int]], seconds: float) -> dict:

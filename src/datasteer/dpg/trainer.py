@@ -12,11 +12,13 @@ One run directory per recipe; one sub-run per arm (the main reward, and baseline
     plots/, report.md, results.json
 
 The generator is trained with TRL's GRPOTrainer. The rewards it is handed are already the advantages: DPG
-normalises per prompt group with the population std + 1e-6 (raw metagradients are ~1e-9; TRL's own scaling
-divides by std + 1e-4, which would flatten them), the naive baseline over the whole batch. With
-`scale_rewards="none"` TRL then subtracts the group mean of values whose group mean is already zero, which
-leaves them unchanged (for the naive arm each group holds one rollout of every split, so its group mean is the
-batch mean). Everything else (sampling, the clipped surrogate, KL, LoRA, vLLM, checkpoints) is TRL's.
+normalises per prompt group with the std + 1e-6 (`advantages`: the population std by default, the unbiased one as
+the authors; raw metagradients are ~1e-9; TRL's own scaling divides by std + 1e-4, which would flatten them), the
+naive baseline over the whole batch. With `scale_rewards="none"` TRL then subtracts the group mean of values whose
+group mean is already zero, which leaves them unchanged (for the naive arm each group holds one rollout of every
+split, so its group mean is the batch mean). With `grpo.steps_per_generation` > 1 TRL splits each batch of
+rollouts into that many mini-batches, one generator update each (verl's ppo_mini_batch_size). Everything else
+(sampling, the clipped surrogate, KL, LoRA, vLLM, checkpoints) is TRL's.
 
 Several processes (`accelerate launch`, torchrun): every process runs the recipe; TRL splits each step's
 rollouts over them, the reward function gathers the global batch (a reward depends on the whole batch the
@@ -53,6 +55,7 @@ from datasteer.dpg.records import METRICS, SLICES, StepLogger, StepRecords, read
 from datasteer.dpg.report import write_dpg_report
 from datasteer.dpg.rewards import InnerLoop, RewardFunction
 from datasteer.dpg.sampling import key_rollouts
+from datasteer.dpg.targets import untie_lm_head
 from datasteer.dpg.validation import Validator
 from datasteer.errors import ConfigError, InputError
 from datasteer.io import Prompt, PromptsConfig, describe_input, read_prompts
@@ -131,6 +134,11 @@ def check_config(config: DPGConfig, prompts: list[Prompt]) -> None:
     if rollouts % processes:
         raise ConfigError(f"the {rollouts} rollouts of a step do not split over {processes} processes; make "
                           "grpo.prompts_per_step x grpo.num_generations a multiple of the number of processes")
+    parts = processes * grpo.steps_per_generation
+    if rollouts % parts:
+        raise ConfigError(f"the {rollouts} rollouts of a step do not split into grpo.steps_per_generation "
+                          f"({grpo.steps_per_generation}) equal mini-batches on each of {processes} process(es); make "
+                          f"grpo.prompts_per_step x grpo.num_generations a multiple of {parts}")
 
 
 # ---------------------------------------------------------------- one arm: set up, train, finish
@@ -144,10 +152,13 @@ class ArmModels:
 
 
 def load_models(config: DPGConfig) -> ArmModels:
-    """The generator (restricted to its alphabet) and the target (eager attention, for exact metagradients)."""
+    """The generator (restricted to its alphabet) and the target (eager attention, for exact metagradients; its LM
+    head untied from its input embedding with `target.untie`, before Phi is built on it)."""
     generator = load_model(config.generator.model, dtype=config.generator.dtype, device=config.generator.device)
     target = load_model(config.target.model, dtype=config.training.dtype, device=config.training.device,
                         attn_implementation="eager")
+    if config.target.untie:
+        untie_lm_head(target.model)
     phi = config.target.build(target.model, target.tokenizer)
     restrict_alphabet(config.generator, generator.model, generator.tokenizer, phi, target.tokenizer)
     inner = InnerLoop(target.model, target.tokenizer, phi, config.training)
@@ -187,7 +198,8 @@ def arm_trainer(config: DPGConfig, arm: str, out: Path, models: ArmModels, promp
                           distributed.world_size())
     peft_config = config.generator.lora.peft_config() if config.generator.lora is not None else None
     records = StepRecords()
-    reward = RewardFunction(arm, config.grpo.num_generations, models.inner, models.tokenizer, records)
+    reward = RewardFunction(arm, config.grpo.num_generations, models.inner, models.tokenizer, records,
+                            config.advantages)
     validator = Validator(config, [p.prompt for p in held_out], models.chat, models.tokenizer, models.inner,
                           out / SLICES, writes)
     logger = StepLogger(arm, config.grpo, config.validation.every, records, validator, validator.untrained,

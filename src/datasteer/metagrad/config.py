@@ -34,6 +34,11 @@ class TrainingConfig(BaseModel):
     learning-rate schedules follow transformers' `get_scheduler` (constant, linear, cosine, with
     linear warm-up). Defaults are the DPG paper's inner loop: AdamW, betas (0.9, 0.95), eps 1e-8,
     weight decay 1e-4, constant learning rate, one epoch, 128 tokens.
+
+    The DPG authors' code differs in three places, each available as an option (docs/dpg.md says why the
+    defaults stay): `loss_normalization: max_length` (loss_i = summed token cross-entropy / max_length),
+    `accumulation: sum` (the step's gradient is the sum of its micro-batches' mean gradients) and `eps_root`
+    (optax's: Adam's denominator sqrt(v_hat + eps_root) + eps).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -45,11 +50,20 @@ class TrainingConfig(BaseModel):
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
+    eps_root: float = Field(0.0, ge=0, description="adam/adamw: added to the bias-corrected second moment inside "
+                            "the square root, as optax's eps_root (the DPG authors: 1e-9); 0 = torch.optim's update")
     weight_decay: float | None = Field(None, ge=0, description="default: 1e-4 for adamw, 0 otherwise")
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     micro_batch_size: int | None = Field(None, ge=1, description="gradient accumulation; default: batch_size")
+    accumulation: Literal["mean", "sum"] = Field(
+        "mean", description="mean: a step's loss is the batch mean of w_i * loss_i, however it is micro-batched; "
+        "sum: the sum over micro-batches of each micro-batch's mean (the DPG authors' gradient accumulation: "
+        "batch_size / micro_batch_size times the mean)")
+    loss_normalization: Literal["trained_tokens", "max_length"] = Field(
+        "trained_tokens", description="loss_i = summed token cross-entropy of example i divided by its number of "
+        "trained tokens (trained_tokens) or by max_length (the DPG authors' full sequence length)")
     epochs: int = Field(1, ge=1)
     shuffle: bool = True
     seed: int = 0
@@ -99,6 +113,8 @@ class TrainingConfig(BaseModel):
     def _consistent(self) -> "TrainingConfig":
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size})")
+        if self.optimizer == "sgd" and self.eps_root:
+            raise ValueError("eps_root applies to Adam's square root (optimizer 'adam' or 'adamw'), not to 'sgd'")
         if self.optimizer != "sgd" and (self.momentum or self.nesterov or self.dampening):
             raise ValueError("momentum, dampening and nesterov apply to optimizer 'sgd' only")
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):

@@ -27,6 +27,9 @@ class MicroBatch:
     input_ids: Tensor      # [m, L], right-padded
     attention_mask: Tensor  # [m, L]
     labels: Tensor         # [m, L], IGNORE on padding and untrained tokens
+    # [m] what each example's w_i * loss_i is divided by in its step's loss (`step_denominators`); None outside a
+    # training step (a metric's batch)
+    denominators: Tensor | None = None
 
 
 def prepare_examples(examples: Sequence[Mapping[str, Any]], max_length: int) -> list[Example]:
@@ -65,6 +68,23 @@ def step_batches(n_examples: int, config: TrainingConfig) -> list[list[int]]:
     return steps
 
 
+def step_denominators(step_size: int, config: TrainingConfig) -> list[int]:
+    """What w_i * loss_i of each position of a step's batch is divided by in the step's loss.
+
+    accumulation 'mean': |B_t| for every example (the batch mean, however it is micro-batched); 'sum': the size
+    of the example's micro-batch, so that the step's loss is the sum of its micro-batches' means (the DPG authors'
+    gradient accumulation). Micro-batches are cut from the whole step, as one process cuts them, so the loss does
+    not depend on how many processes share the step.
+    """
+    if config.accumulation == "mean":
+        return [step_size] * step_size
+    size, out = config.resolved_micro_batch_size, []
+    for start in range(0, step_size, size):
+        part = min(size, step_size - start)
+        out.extend([part] * part)
+    return out
+
+
 def collate(examples: list[Example], index: list[int], pad_id: int, device: torch.device) -> MicroBatch:
     rows = [examples[i] for i in index]
     width = max(len(r.input_ids) for r in rows)
@@ -80,13 +100,22 @@ def collate(examples: list[Example], index: list[int], pad_id: int, device: torc
 
 
 def micro_batches(examples: list[Example], step_index: list[int], config: TrainingConfig, pad_id: int,
-                  device: torch.device) -> list[MicroBatch]:
+                  device: torch.device, denominators: list[int]) -> list[MicroBatch]:
+    """`step_index`: the examples (this process's share of a step), `denominators`: theirs (`step_denominators`)."""
     size = config.resolved_micro_batch_size
-    return [collate(examples, step_index[i:i + size], pad_id, device) for i in range(0, len(step_index), size)]
+    batches = []
+    for i in range(0, len(step_index), size):
+        batch = collate(examples, step_index[i:i + size], pad_id, device)
+        batch.denominators = torch.tensor(denominators[i:i + size], device=device)
+        batches.append(batch)
+    return batches
 
 
-def example_losses(model: torch.nn.Module, tensors: dict[str, Tensor], batch: MicroBatch) -> Tensor:
-    """[m] mean next-token cross-entropy over each example's trained tokens, in the parameters' dtype.
+def example_losses(model: torch.nn.Module, tensors: dict[str, Tensor], batch: MicroBatch,
+                   length: int | None = None) -> Tensor:
+    """[m] each example's summed next-token cross-entropy over its trained tokens divided by their number (the
+    mean), or by `length` when given (the DPG authors' normalisation by the full sequence length), in the
+    parameters' dtype.
 
     Computed here rather than by the model's `labels=` path, which upcasts to float32.
     """
@@ -102,4 +131,4 @@ def example_losses(model: torch.nn.Module, tensors: dict[str, Tensor], batch: Mi
     # of log_softmax's backward
     picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     token_nll = (torch.logsumexp(logits, dim=-1) - picked) * trained
-    return token_nll.sum(dim=1) / trained.sum(dim=1)
+    return token_nll.sum(dim=1) / (trained.sum(dim=1) if length is None else length)

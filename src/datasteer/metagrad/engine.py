@@ -11,6 +11,10 @@ Reverse pass, from (theta_bar, s_bar) = (grad V(theta_T), 0), for t = T-1 .. 0:
    for every example of the micro-batch and d s / d theta = H_t g_bar (the Hessian-vector product);
 3. dV/dw_i += <grad loss_i, g_bar> / |B_t|; theta_bar = theta_bar_U + H_t g_bar.
 
+With `accumulation: sum` (the DPG authors' gradient accumulation) example i's |B_t| becomes the size of its
+micro-batch, d_i, throughout (L_t = sum_i w_i loss_i / d_i); with `loss_normalization: max_length`, loss_i is the
+summed token cross-entropy divided by max_length instead of by its number of trained tokens.
+
 Step 2 stands in for a forward-mode product: the per-example directional derivatives come out of the
 same double backward that forms the Hessian-vector product.
 
@@ -37,7 +41,15 @@ from datasteer import distributed
 from datasteer.errors import ConfigError, InputError
 from datasteer.metagrad import checkpoint as ckpt
 from datasteer.metagrad.config import TrainingConfig
-from datasteer.metagrad.data import Example, MicroBatch, example_losses, micro_batches, prepare_examples, step_batches
+from datasteer.metagrad.data import (
+    Example,
+    MicroBatch,
+    example_losses,
+    micro_batches,
+    prepare_examples,
+    step_batches,
+    step_denominators,
+)
 from datasteer.metagrad.optim import Slots, learning_rates, make_optimizer
 from datasteer.training import EXPLODED_LOSS, check_loss, check_parameters
 
@@ -131,14 +143,21 @@ class Unroll:
         pad = pad if isinstance(pad, int) else 0
         # data parallel: this rank's contiguous share of every step's examples (the whole step in one process)
         self.world, self.rank = (distributed.world_size(), distributed.rank()) if distributed.active() else (1, 0)
-        self.batches: list[list[MicroBatch]] = [
-            micro_batches(self.examples, [idx[i] for i in distributed.shard(len(idx), self.world, self.rank)],
-                          config, pad, self.device)
-            for idx in self.steps]
+        self.batches: list[list[MicroBatch]] = []
+        for idx in self.steps:
+            share = distributed.shard(len(idx), self.world, self.rank)
+            denominators = step_denominators(len(idx), config)
+            self.batches.append(micro_batches(self.examples, [idx[i] for i in share], config, pad, self.device,
+                                              [denominators[i] for i in share]))
+        # None: each example's loss is its mean over trained tokens; else divided by max_length (the DPG authors')
+        self.loss_length = config.max_length if config.loss_normalization == "max_length" else None
         self.losses: dict[int, float] = {}
         self.label, self.hint = "the inner fine-tuning", "training.learning_rate"  # named in a divergence error
         weights = self.weights.detach().to("cpu", torch.float64).abs()
-        self.masses = [float(weights[idx].mean()) for idx in self.steps]  # mean |weight| of each step's batch
+        # each step's sum of |w_i| / d_i: the batch's mean |weight| (times the micro-batches with accumulation 'sum')
+        self.masses = [float(weights[idx].mean()) if config.accumulation == "mean" else
+                       float((weights[idx] / torch.tensor(step_denominators(len(idx), config))).sum())
+                       for idx in self.steps]
         self.progress: Progress | None = None
         self.work = (0, 0)  # (done, total) steps for `progress`
 
@@ -165,8 +184,12 @@ class Unroll:
         per = sum(p.numel() * p.element_size() for p in self.initial)
         return per * (1 + len(self.optimizer.slot_names))
 
-    def _scaled(self, batch: MicroBatch, t: int) -> Tensor:
-        return self.weights[batch.index.to(self.device)] / len(self.steps[t])
+    def _scaled(self, batch: MicroBatch) -> Tensor:
+        """u_i = w_i / d_i: example i's factor on loss_i in its step's loss."""
+        return self.weights[batch.index.to(self.device)] / batch.denominators
+
+    def _losses(self, leaves: list[Tensor], batch: MicroBatch) -> Tensor:
+        return example_losses(self.model, self.tensors(leaves), batch, self.loss_length)
 
     def gradient(self, params: list[Tensor], t: int, record: bool = True) -> list[Tensor]:
         """g_t at `params`, accumulated over micro-batches (and ranks), no graph kept; logs the weighted batch loss
@@ -175,7 +198,7 @@ class Unroll:
         grads = [torch.zeros_like(p) for p in params]
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in self.batches[t]:
-            loss = (self._scaled(batch, t) * example_losses(self.model, self.tensors(leaves), batch)).sum()
+            loss = (self._scaled(batch) * self._losses(leaves, batch)).sum()
             parts = torch.autograd.grad(loss, leaves, allow_unused=True)
             for g, part in zip(grads, parts):
                 if part is not None:
@@ -214,15 +237,14 @@ class Unroll:
 
     # -- reverse -----------------------------------------------------------------------------------
     def _first_order(self, batch: MicroBatch, t: int, leaves: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
-        u = self._scaled(batch, t).detach().requires_grad_(True)
-        loss = (u * example_losses(self.model, self.tensors(leaves), batch)).sum()
+        u = self._scaled(batch).detach().requires_grad_(True)
+        loss = (u * self._losses(leaves, batch)).sum()
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         return u, list(grads)
 
     def reverse_step(self, state: TrainState, t: int, adjoint: TrainState, scores: Tensor) -> TrainState:
         leaves = [p.detach().requires_grad_(True) for p in state.params]
         batches = self.batches[t]
-        size = len(self.steps[t])
         kept = self._first_order(batches[0], t, leaves) if len(batches) == 1 else None
         if kept is not None:
             grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(kept[1], leaves)]
@@ -247,7 +269,7 @@ class Unroll:
             if not terms:
                 continue
             second = torch.autograd.grad(torch.stack(terms).sum(), [u] + leaves, allow_unused=True)
-            scores.index_add_(0, batch.index, second[0].detach().to("cpu", torch.float64) / size)
+            scores.index_add_(0, batch.index, second[0].detach().to("cpu", torch.float64) / batch.denominators.cpu())
             for j, h in enumerate(second[1:]):
                 if h is not None:
                     hvp[j].add_(h.detach())

@@ -32,6 +32,7 @@ class Settings(Protocol):
     nesterov: bool
     betas: tuple[float, float]
     eps: float
+    eps_root: float
     schedule: str
     warmup_steps: int
 
@@ -131,13 +132,19 @@ class SGD:
 
 
 class Adam:
-    """torch.optim.Adam (decoupled=False: weight decay added to the gradient) or AdamW (decoupled=True)."""
+    """torch.optim.Adam (decoupled=False: weight decay added to the gradient) or AdamW (decoupled=True).
+
+    With `eps_root` > 0 the denominator is optax's, sqrt(v / (1 - beta2^t) + eps_root) + eps (`optax.adam`'s
+    eps_root, which the DPG authors set to 1e-9): its derivative at v = 0 is finite, where torch's sqrt(v) has an
+    infinite one (`safe_sqrt` masks it instead). eps_root = 0 keeps torch.optim's arithmetic exactly.
+    """
 
     slot_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool):
+    def __init__(self, betas: tuple[float, float], eps: float, weight_decay: float, decoupled: bool,
+                 eps_root: float = 0.0):
         self.beta1, self.beta2 = betas
-        self.eps, self.weight_decay, self.decoupled = eps, weight_decay, decoupled
+        self.eps, self.weight_decay, self.decoupled, self.eps_root = eps, weight_decay, decoupled, eps_root
 
     def init(self, params: list[Tensor]) -> Slots:
         return {name: [torch.zeros_like(p) for p in params] for name in self.slot_names}
@@ -145,7 +152,8 @@ class Adam:
     def update(self, params, slots, grads, lr, step):
         count = step + 1
         bias_correction1 = 1 - self.beta1**count
-        bias_correction2_sqrt = math.sqrt(1 - self.beta2**count)
+        bias_correction2 = 1 - self.beta2**count
+        bias_correction2_sqrt = math.sqrt(bias_correction2)
         step_size = lr / bias_correction1
         new_params, new_m, new_v = [], [], []
         for p, m, v, g in zip(params, slots["exp_avg"], slots["exp_avg_sq"], grads):
@@ -156,7 +164,10 @@ class Adam:
                     g = g + self.weight_decay * p
             m = torch.lerp(m, g, 1 - self.beta1)
             v = v * self.beta2 + (1 - self.beta2) * g * g
-            denom = safe_sqrt(v) / bias_correction2_sqrt + self.eps
+            if self.eps_root:
+                denom = torch.sqrt(v / bias_correction2 + self.eps_root) + self.eps
+            else:
+                denom = safe_sqrt(v) / bias_correction2_sqrt + self.eps
             new_params.append(p - step_size * (m / denom))
             new_m.append(m)
             new_v.append(v)
@@ -165,7 +176,8 @@ class Adam:
     def vjp(self, params, slots, grads, lr, step, adj_params, adj_slots):
         count = step + 1
         bias_correction1 = 1 - self.beta1**count
-        bias_correction2_sqrt = math.sqrt(1 - self.beta2**count)
+        bias_correction2 = 1 - self.beta2**count
+        bias_correction2_sqrt = math.sqrt(bias_correction2)
         step_size = lr / bias_correction1
         out_p, out_m, out_v, out_g = [], [], [], []
         for p, m, v, g, a, am, av in zip(params, slots["exp_avg"], slots["exp_avg_sq"], grads, adj_params,
@@ -173,15 +185,23 @@ class Adam:
             if self.weight_decay and not self.decoupled:
                 g = g + self.weight_decay * p
             m_new = torch.lerp(m, g, 1 - self.beta1)
-            root = torch.addcmul(v * self.beta2, g, g, value=1 - self.beta2).sqrt_()
-            denom = (root / bias_correction2_sqrt).add_(self.eps)
+            v_new = torch.addcmul(v * self.beta2, g, g, value=1 - self.beta2)
+            if self.eps_root:  # root = sqrt(v_new / c2^2 + eps_root) > 0, denom = root + eps
+                root = v_new.div_(bias_correction2).add_(self.eps_root).sqrt_()
+                denom = root + self.eps
+            else:  # root = sqrt(v_new), denom = root / c2 + eps
+                root = v_new.sqrt_()
+                denom = (root / bias_correction2_sqrt).add_(self.eps)
             ratio = torch.div(a, denom).mul_(step_size)     # -d p_new / d m_new, times the adjoint
             adj_m = am - ratio
-            # d p_new / d denom = step_size * m_new / denom^2; d denom / d v_new = 1 / (2 sqrt(v_new) c2),
-            # taken as 0 at v_new = 0
-            adj_v = ratio.mul_(m_new).div_(denom).div_(root).mul_(0.5 / bias_correction2_sqrt)
-            adj_v = adj_v.masked_fill_(root == 0, 0.0).add_(av)
-            del m_new, root, denom, ratio
+            # d p_new / d denom = step_size * m_new / denom^2; d denom / d v_new = 1 / (2 sqrt(v_new) c2), taken as
+            # 0 at v_new = 0 (with eps_root: 1 / (2 root c2^2), finite everywhere)
+            adj_v = ratio.mul_(m_new).div_(denom).div_(root)
+            if self.eps_root:
+                adj_v = adj_v.mul_(0.5 / bias_correction2).add_(av)
+            else:
+                adj_v = adj_v.mul_(0.5 / bias_correction2_sqrt).masked_fill_(root == 0, 0.0).add_(av)
+            del m_new, v_new, root, denom, ratio
             adj_g = torch.addcmul(adj_m * (1 - self.beta1), adj_v, g, value=2 * (1 - self.beta2))
             out_m.append(adj_m.mul_(self.beta1))
             out_v.append(adj_v.mul_(self.beta2))
@@ -197,8 +217,8 @@ class Adam:
 
 OPTIMIZERS: dict[str, Callable[[Settings], Optimizer]] = {
     "sgd": lambda c: SGD(c.momentum, c.dampening, c.nesterov, c.resolved_weight_decay),
-    "adam": lambda c: Adam(c.betas, c.eps, c.resolved_weight_decay, decoupled=False),
-    "adamw": lambda c: Adam(c.betas, c.eps, c.resolved_weight_decay, decoupled=True),
+    "adam": lambda c: Adam(c.betas, c.eps, c.resolved_weight_decay, decoupled=False, eps_root=c.eps_root),
+    "adamw": lambda c: Adam(c.betas, c.eps, c.resolved_weight_decay, decoupled=True, eps_root=c.eps_root),
 }
 
 

@@ -21,11 +21,16 @@ from typing import Annotated, Any, Union
 
 from pydantic import Discriminator, Tag
 
-from datasteer.dpg.targets.base import Readout, TargetSpecBase, parameter_name, printable_token_ids
+from datasteer.dpg.targets.base import Readout, TargetSpecBase, parameter_name, printable_token_ids, untie_lm_head
 from datasteer.dpg.targets.custom import CustomTarget, CustomTargetSpec, custom
 from datasteer.dpg.targets.l2_norm import L2Norm, L2NormSpec, l2_norm
-from datasteer.dpg.targets.lm_head_pattern import (LMHeadPattern, LMHeadPatternSpec, PatternSpec, lm_head_pattern,
-                                                   writable_token_ids)
+from datasteer.dpg.targets.lm_head_pattern import (
+    LMHeadPattern,
+    LMHeadPatternSpec,
+    PatternSpec,
+    lm_head_pattern,
+    writable_token_ids,
+)
 from datasteer.dpg.targets.text_loss import TextLossSpec
 from datasteer.metagrad.metrics import Target, TextLoss, text_loss
 
@@ -50,4 +55,4 @@ TargetSpec = Annotated[
 __all__ = ["TARGETS", "CustomTarget", "CustomTargetSpec", "L2Norm", "L2NormSpec", "LMHeadPattern",
            "LMHeadPatternSpec", "PatternSpec", "Readout", "Target", "TargetSpec", "TargetSpecBase", "TextLoss",
            "TextLossSpec", "custom", "l2_norm", "lm_head_pattern", "parameter_name", "printable_token_ids",
-           "text_loss", "writable_token_ids"]
+           "text_loss", "untie_lm_head", "writable_token_ids"]

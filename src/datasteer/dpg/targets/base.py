@@ -38,6 +38,9 @@ class TargetSpecBase(StrictModel):
     """
 
     model: str = Field(..., min_length=1, description="model spec of the target (loaded with eager attention)")
+    untie: bool = Field(False, description="give the target an LM head of its own, a copy of its input embedding "
+                        "(as the DPG authors' GPT-2, whose head is untied): the head and the embedding then train "
+                        "apart, and a pattern is written into the head alone")
     readout: ClassVar[Readout] = Readout(None)
 
     def check(self) -> None:
@@ -62,6 +65,25 @@ def parameter_name(model: torch.nn.Module, param: str | None = None) -> str:
         if p is head.weight:
             return name
     raise ConfigError("the LM head's weight is not among the model's parameters")
+
+
+def untie_lm_head(model: torch.nn.Module) -> str:
+    """Make the LM head a parameter of its own, initialised to a copy of the input embedding it was tied to, and
+    keep it apart (the config no longer ties them, so a later `tie_weights` leaves them separate). Returns the
+    head's parameter name. A head that is not tied is refused: untying it would do nothing."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is None or embedding is None:
+        raise ConfigError("target.untie: the target has no LM head and input embedding to untie")
+    if head.weight is not embedding.weight:
+        raise ConfigError("target.untie: the target's LM head is already separate from its input embedding; remove "
+                          "untie")
+    head.weight = torch.nn.Parameter(embedding.weight.detach().clone(), requires_grad=embedding.weight.requires_grad)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for part in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+            part.tie_word_embeddings = False
+    return parameter_name(model)
 
 
 def printable_token_ids(tokenizer: Any, limit: int | None = None) -> list[int]:
