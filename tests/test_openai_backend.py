@@ -11,9 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from datasteer.generation.config import GenerateConfig, teacher_config as TeacherConfig
 from datasteer.errors import ConfigError, TeacherRequestError
 from datasteer.generation import generate
+from datasteer.generation.config import GenerateConfig
+from datasteer.generation.config import teacher_config as TeacherConfig
 from datasteer.generation.openai_backend import OpenAITeacher
 from datasteer.io import Prompt
 from tests.conftest import DATASTEER, cli_env
@@ -37,11 +38,18 @@ def _ok(request, text="hi", finish="stop"):
 
 
 class Recorder:
+    """A fake clock: sleeping records the wait and moves the clock on, so retries and pacing take no time."""
+
     def __init__(self):
         self.sleeps = []
+        self.now = 0.0
 
     async def sleep(self, seconds):
         self.sleeps.append(seconds)
+        self.now += seconds
+
+    def clock(self):
+        return self.now
 
 
 def test_payload_headers_and_parsing(monkeypatch):
@@ -85,7 +93,8 @@ def test_retries_429_and_5xx_with_backoff_and_retry_after():
         return _ok(request)
 
     rec = Recorder()
-    teacher = OpenAITeacher(_config(k=1), transport=httpx.MockTransport(handler), sleep=rec.sleep)
+    teacher = OpenAITeacher(_config(k=1), transport=httpx.MockTransport(handler), sleep=rec.sleep,
+                            clock=rec.clock)
     [[c]] = teacher.generate([Prompt("a", "Q")], seed=0)
     assert c.text == "hi" and calls["n"] == 4
     assert rec.sleeps[0] == 2.0, "Retry-After is honoured"
@@ -96,7 +105,8 @@ def test_gives_up_after_max_retries_without_leaking_the_key(monkeypatch):
     monkeypatch.setenv("REMOTE_KEY", SECRET)
     rec = Recorder()
     teacher = OpenAITeacher(_config(k=1, api_key_env="REMOTE_KEY", base_url="https://user:pw@api.example/v1"),
-                            transport=httpx.MockTransport(lambda r: httpx.Response(500, text="boom")), sleep=rec.sleep)
+                            transport=httpx.MockTransport(lambda r: httpx.Response(500, text="boom")), sleep=rec.sleep,
+                            clock=rec.clock)
     with pytest.raises(TeacherRequestError, match="kept failing after 3 retries") as err:
         teacher.generate([Prompt("a", "Q")], seed=0)
     assert len(rec.sleeps) == 3

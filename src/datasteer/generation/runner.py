@@ -3,9 +3,14 @@
 Work is cut into units (one teacher, `batch_size` consecutive prompts, all k samples). Each
 unit is seeded from (run seed, teacher name, unit index) and written as one atomic shard, so
 a run killed at any point and started again produces exactly the rows of an uninterrupted
-run: finished units are skipped, unfinished ones are redone from their own seed. Units run through an executor
-(`datasteer.engines`: this process, or Ray actors with `engine: ray`, each loading the teacher once); either way
-this process writes every shard as its unit finishes, so the rows and resume are the same on both.
+run: finished units are skipped, unfinished ones are redone from their own seed. Units of a local model run
+through an executor (`datasteer.engines`: this process, or Ray actors with `engine: ray`, each loading the teacher
+once). A teacher that takes a whole list of units at once (`generate_units`: the HTTP backends, which keep
+`concurrency` requests in flight across units, or submit them as one provider batch) runs in this process
+whatever the engine, so that its limits (concurrency, rpm, tpm) hold for the run and not per worker. Either way
+this process writes every shard as its unit finishes, so the rows and resume are the same.
+
+The summary counts tokens per teacher (`usage`) and, for teachers with prices, the estimated `cost`.
 
 The merged rows land in `candidates.jsonl` (or `candidates.parquet`, `output_format: parquet`) beside a
 dataset card, `README.md`, that gives their explicit schema to `datasets.load_dataset(RUN_DIR)`.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,8 @@ from typing import Any
 from datasteer.engines import Group, open_executor
 from datasteer.generation.base import Completion, Teacher, TeacherBase
 from datasteer.generation.config import GenerateConfig
+from datasteer.generation.state import TeacherState
+from datasteer.generation.usage import total_cost, usage_summary
 from datasteer.io import Prompt, describe_input, read_prompts
 from datasteer.progress import track
 from datasteer.rows import load_rows, rows_file, write_card, write_rows
@@ -129,6 +137,19 @@ def gpus_per_worker(config: TeacherBase) -> float | None:
     return 0.0
 
 
+def run_units(teacher: Teacher, tasks: list[tuple[Unit, int]], state: TeacherState,
+              on_result: Callable[[int, tuple[list[dict[str, Any]], float]], None]) -> None:
+    """A teacher with `generate_units` over all its pending units at once, in this process; `on_result(position,
+    (rows, seconds))` as each unit completes (seconds 0: units overlap, the caller times the whole)."""
+    teacher.load()
+    try:
+        stream = teacher.generate_units([(unit.prompts, seed) for unit, seed in tasks], state)  # type: ignore
+        for position, completions in stream:
+            on_result(position, (candidate_rows(tasks[position][0], completions), 0.0))
+    finally:
+        teacher.close()
+
+
 def teacher_group(config: TeacherBase, teacher: Teacher, todo: list[Unit], seed: int) -> Group:
     """A teacher's pending units as one group of work: each unit with its own seed, from (run seed, teacher, unit)."""
     return Group(key=f"teacher/{config.name}", label=f"teacher '{config.name}'", setup=TeacherSetup(teacher),
@@ -146,6 +167,8 @@ class GenerateResult:
     seconds: float  # wall time of the call, model loading included
     generation_seconds: float  # time spent generating (summed over workers on the ray engine)
     per_source: dict[str, int] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)  # per teacher: rows, tokens and, with prices, cost
+    cost: float | None = None  # estimated over the teachers with prices; None when none has prices
 
     @classmethod
     def load(cls, run: Run) -> GenerateResult:
@@ -153,7 +176,7 @@ class GenerateResult:
         s = run.manifest["summary"]
         return cls(run_dir=run.path, candidates_path=run.path / s.get("output", CANDIDATES_FILE), rows=s["rows"],
                    generated_rows=0, generated_tokens=0, seconds=0.0, generation_seconds=0.0,
-                   per_source=dict(s["per_source"]))
+                   per_source=dict(s["per_source"]), usage=dict(s.get("usage") or {}), cost=s.get("cost"))
 
     @property
     def tokens_per_second(self) -> float:
@@ -216,7 +239,19 @@ def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False
                 generated_tokens += tokens
                 tracker.advance(len(rows), tokens)
 
-            executor.run(teacher_group(teacher_config, teachers[teacher_config.name], todo, config.seed), finished)
+            teacher = teachers[teacher_config.name]
+            if hasattr(teacher, "generate_units"):
+                state = TeacherState(run, teacher_config.name,
+                                     note=lambda text, name=teacher_config.name: tracker.describe(
+                                         f"generate [{name}] {text}"))
+                began = time.perf_counter()
+                try:
+                    run_units(teacher, [(u, derive_seed(config.seed, teacher_config.name, u.name)) for u in todo],
+                              state, finished)
+                finally:
+                    generation_seconds += time.perf_counter() - began
+            else:
+                executor.run(teacher_group(teacher_config, teacher, todo, config.seed), finished)
     seconds = time.perf_counter() - start
 
     rows = [json.loads(line) for u in units
@@ -226,6 +261,8 @@ def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False
     candidates = run.path / written.file
     per_source = dict(Counter(r["source"] for r in rows))
     finish = Counter(r["finish_reason"] for r in rows)
+    usage = usage_summary(rows, config.teachers)
+    cost = total_cost(usage)
     run.finish({
         "rows": len(rows),
         "prompts": len(prompts),
@@ -233,8 +270,10 @@ def generate(config: GenerateConfig, out: str | Path, *, overwrite: bool = False
         "finish_reasons": dict(finish),
         "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
         **({"truncated_prompts": truncated} if any(truncated.values()) else {}),  # per teacher, too_long: truncate
+        "usage": usage,
+        **({"cost": cost} if cost is not None else {}),
         "output": written.file,
     })
     return GenerateResult(run_dir=run.path, candidates_path=candidates, rows=len(rows), generated_rows=generated_rows,
                           generated_tokens=generated_tokens, seconds=seconds, generation_seconds=generation_seconds,
-                          per_source=per_source)
+                          per_source=per_source, usage=usage, cost=cost)
