@@ -109,9 +109,11 @@ CASES = {
                                       max_length=12), 1e-5),
     "sgd-momentum-summed-microbatches": (dict(optimizer="sgd", learning_rate=0.05, momentum=0.9, micro_batch_size=2,
                                               accumulation="sum"), 1e-5),
-    "adamw-eps-root": (dict(optimizer="adamw", learning_rate=0.01, eps_root=1e-6), 1e-7),
+    # eps_root smooths Adam's update near zero gradients: differences converge at h = 1e-5 here, as for SGD (at
+    # 1e-7 rounding dominates: 3e-7)
+    "adamw-eps-root": (dict(optimizer="adamw", learning_rate=0.01, eps_root=1e-6), 1e-5),
     "adamw-authors": (dict(optimizer="adamw", learning_rate=0.01, eps_root=1e-9, micro_batch_size=2,
-                           accumulation="sum", loss_normalization="max_length", max_length=12), 1e-7),
+                           accumulation="sum", loss_normalization="max_length", max_length=12), 1e-5),
 }
 
 
@@ -426,7 +428,7 @@ def untied_head_metric(model, params):
 
 @pytest.mark.parametrize("overrides, h", [
     (dict(optimizer="sgd", learning_rate=0.1, momentum=0.9), 1e-5),
-    (dict(optimizer="adamw", learning_rate=0.01, eps_root=1e-9), 1e-7),
+    (dict(optimizer="adamw", learning_rate=0.01, eps_root=1e-9), 1e-5),
 ], ids=["sgd-momentum", "adamw-eps-root"])
 @pytest.mark.parametrize("metric", [heldout_metric, untied_head_metric], ids=["heldout-loss", "head-weights"])
 def test_untied_head_scores_match_central_differences(overrides, h, metric):
