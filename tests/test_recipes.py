@@ -98,7 +98,8 @@ def test_every_builtin_recipe_names_its_command_and_describes_itself():
     assert {"demo-inherit", "demo-dpg-67", "demo-generate"} <= set(recipes)
     for name, path in recipes.items():
         command, text = describe(path)
-        assert command in ("inherit", "dpg", "generate") and text, name
+        assert command in ("inherit", "passive", "profile", "dpg", "generate") and text, name
+    assert describe(recipes["demo-passive"])[0] == "passive" and describe(recipes["profile-toxicity"])[0] == "profile"
 
 
 def _cli(*args):

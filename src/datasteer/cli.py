@@ -154,9 +154,9 @@ def generate(
     seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ) -> None:
     """Generate k candidate answers per prompt from one or several teachers."""
+    from datasteer.config import deep_merge
     from datasteer.generation import generate as run_generate
     from datasteer.generation.config import GenerateConfig
-    from datasteer.config import deep_merge
     from datasteer.recipes import load_recipe
 
     per_teacher = _flags(backend=backend, k=k, sampling__temperature=temperature, sampling__top_p=top_p,
@@ -449,6 +449,49 @@ def inherit(
     run_inherit(recipe, out or _default_out(recipe), set_, overwrite, quiet, _engine(engine, workers, ray_address))
 
 
+@app.command("passive")
+def passive_command(
+    recipe: str = typer.Argument(..., help="YAML recipe or built-in name (`datasteer recipes`), e.g. demo-passive"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<recipe name>)"),
+    set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    engine: Optional[Engine] = ENGINE, workers: Optional[int] = WORKERS, ray_address: Optional[str] = RAY_ADDRESS,
+) -> None:
+    """Passive inheritance: one student per teacher on random answers, every profile of base vs each student."""
+    from datasteer.inheritance.config import PassiveConfig
+    from datasteer.inheritance.passive import passive as run_study
+
+    cfg = _config(PassiveConfig, recipe, set_, _engine(engine, workers, ray_address))
+    result = run_study(cfg, out or _default_out(recipe), overwrite=overwrite, progress=not quiet)
+    say(f"report: {result.report}")
+    for label, dims in result.changed().items():
+        shown = "; ".join(f"{d.group}: {d.name} {d.delta:+.4g} [{d.low:.4g}, {d.high:.4g}]" for d in dims)
+        say(f"{label}: {len(dims)} of {len(result.dimensions[label])} dimensions changed" + (f": {shown}"
+                                                                                             if shown else ""))
+
+
+@app.command()
+def pairwise(
+    first: Path = typer.Argument(..., help="the baseline's profile run directory (its answers are response 2)"),
+    second: Path = typer.Argument(..., help="the candidate's profile run directory (response 1): its win rate"),
+    out: Path = OUT, config: Optional[str] = RECIPE, set_: list[str] = SET,
+    judge: Optional[str] = typer.Option(None, "--judge", help="the judge model spec (default embedded:smollm2)"),
+    limit: Optional[int] = typer.Option(None, help="judge at most N pairs (a seeded sample)"),
+    seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+) -> None:
+    """Judge two profiles' answers pairwise (both orders, ties): the second model's win rate with a 95% interval."""
+    from datasteer.inheritance.config import PairwiseConfig
+    from datasteer.inheritance.preferences import pairwise as run_pairwise
+
+    cfg = _config(PairwiseConfig, config, set_, _flags(judge=judge, limit=limit, seed=seed))
+    result = run_pairwise(first, second, cfg, out, overwrite=overwrite, progress=not quiet)
+    s = result.summary
+    rate = s["win_rate"]
+    ci = f", 95% CI [{rate['ci95'][0]:.3f}, {rate['ci95'][1]:.3f}]" if rate["ci95"] else ""
+    say(f"{s['second']} vs {s['first']} judged by {s['judge']}: win rate {rate['mean']:.3f}{ci} over {s['pairs']} "
+        f"pairs ({s['wins']} wins, {s['losses']} losses, ties {s['tie_rate']:.2f}; first-position rate "
+        f"{s['first_position_rate']:.2f}) -> {result.run_dir}")
+
+
 @app.command("dpg")
 def dpg_command(
     recipe: str = typer.Argument(..., help="YAML recipe or built-in name (`datasteer recipes`)"),
@@ -494,7 +537,8 @@ def attribute(
     quiet: bool = QUIET,
 ) -> None:
     """Score each row by its exact metagradient: d metric / d weight of the row in the target's fine-tuning."""
-    from datasteer.metagrad.attribute import AttributeConfig, attribute as run_attribute
+    from datasteer.metagrad.attribute import AttributeConfig
+    from datasteer.metagrad.attribute import attribute as run_attribute
 
     data = _flags(input=input, eval_texts=eval_texts, model=model, metric=metric, column=column)
     cfg = _config(AttributeConfig, config, set_, data)

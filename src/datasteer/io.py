@@ -45,7 +45,10 @@ class PromptsConfig(StrictModel):
     """Where prompts come from: a JSONL/JSON/Parquet/CSV file, `builtin:NAME` or a `datasets` name (hf:NAME)."""
 
     path: str = Field(..., description="a .jsonl/.json/.parquet/.csv file, builtin:NAME or hf:DATASET")
-    prompt_field: str = Field("prompt", description="column holding the prompt text")
+    prompt_field: str = Field("prompt", description="column holding the prompt text; a dotted path reaches into "
+                              "nested records (prompt.text for the hub's RealToxicityPrompts)")
+    template: str | None = Field(None, description="wrap every prompt: the text with {prompt} replaced by the "
+                                 "row's prompt (e.g. an instruction to continue a RealToxicityPrompts prefix)")
     id_field: str | None = Field(None, description="column holding a stable prompt id; default: 'prompt_id' or "
                                  "'id' when present, else the row number")
     split: str = Field("train", description="split, for hf:DATASET prompts")
@@ -56,6 +59,28 @@ class PromptsConfig(StrictModel):
     def _path_alone(cls, data: Any) -> Any:
         """`prompts: file.jsonl` is short for `prompts: {path: file.jsonl}`."""
         return {"path": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _template_has_slot(self) -> PromptsConfig:
+        if self.template is not None and "{prompt}" not in self.template:
+            raise ValueError(f"prompts.template {self.template!r} has no {{prompt}} slot for the prompt text")
+        return self
+
+    def apply(self, text: str) -> str:
+        """The prompt as the model sees it: `template` with {prompt} replaced (other braces stay as written)."""
+        return text if self.template is None else self.template.replace("{prompt}", text)
+
+
+def field_value(row: dict[str, Any], field: str) -> tuple[bool, Any]:
+    """(found, value) of `field` in `row`: the column of that name, else a dotted path into nested records."""
+    if field in row:
+        return True, row[field]
+    value: Any = row
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
 
 
 @dataclass(frozen=True)
@@ -105,7 +130,11 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and path.read_text(encoding="utf-8")[:err.pos].strip().startswith("{"):
+            return _read_jsonl(path)  # JSON lines under a .json name (RealToxicityPrompts' own files are)
+        raise InputError(f"{path}: not a valid UTF-8 JSON file ({err}); fix the file") from None
+    except UnicodeDecodeError as err:
         raise InputError(f"{path}: not a valid UTF-8 JSON file ({err}); fix the file") from None
     if isinstance(data, dict):
         data = next((v for v in data.values() if isinstance(v, list)), None)
@@ -168,10 +197,10 @@ def read_prompts(config: PromptsConfig) -> list[Prompt]:
     seen: set[str] = set()
     for index, row in enumerate(rows):
         where = f"{source}: row {index + 1}"
-        if config.prompt_field not in row:
+        found, text = field_value(row, config.prompt_field)
+        if not found:
             raise InputError(f"{where} has no '{config.prompt_field}' field (fields: {', '.join(map(str, row))}); "
                              "pass --prompt-field to name the prompt column")
-        text = row[config.prompt_field]
         if not isinstance(text, str):
             raise InputError(f"{where}: '{config.prompt_field}' must be text, got {type(text).__name__}")
         if not text.strip():
@@ -185,7 +214,7 @@ def read_prompts(config: PromptsConfig) -> list[Prompt]:
         if prompt_id in seen:
             raise InputError(f"{where}: duplicate prompt id '{prompt_id}'; ids must be unique")
         seen.add(prompt_id)
-        prompts.append(Prompt(prompt_id=prompt_id, prompt=text))
+        prompts.append(Prompt(prompt_id=prompt_id, prompt=config.apply(text)))
         if config.limit is not None and len(prompts) >= config.limit:
             break
     return prompts
@@ -194,6 +223,8 @@ def read_prompts(config: PromptsConfig) -> list[Prompt]:
 def describe_input(config: PromptsConfig, prompts: list[Prompt]) -> dict[str, Any]:
     """What a manifest records about the prompt source, so that a changed file is noticed on resume."""
     info: dict[str, Any] = {"path": config.path, "rows": len(prompts)}
+    if config.template is not None:
+        info["template"] = config.template
     if not config.path.startswith(HF_PREFIX):
         info["sha256"] = sha256_file(resolve_path(config.path))
     return info

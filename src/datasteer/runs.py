@@ -316,7 +316,7 @@ def _describes(config: Any) -> Any:
 
 def _may_nest(parent: str | None, child: str) -> bool:
     """Whether a `child` run may live directly inside a `parent` run's directory. The pipelines' directories
-    (inherit, profile, dpg) hold their own stages only (their reports and results would be overwritten by, or
+    (inherit, passive, profile, pairwise, dpg) hold their own stages only (their reports and results would be overwritten by, or
     mixed with, another command's); a DPG arm lives in a `dpg` directory only. A single stage's directory may
     hold other runs in sub-folders."""
     if parent is None:
@@ -325,8 +325,12 @@ def _may_nest(parent: str | None, child: str) -> bool:
         return parent == "dpg"
     if parent == "inherit":
         return child in ("generate", "score", "select", "finetune", "profile")
+    if parent == "passive":
+        return child in ("generate", "score", "select", "finetune", "profile", "probe", "pairwise")
     if parent == "profile":
-        return child in ("generate", "score")
+        return child in ("generate", "score", "probe")
+    if parent == "pairwise":
+        return child == "probe"
     if parent == "dpg":
         return False
     return True

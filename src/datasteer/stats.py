@@ -30,3 +30,18 @@ def column_stats(values: list[float | None]) -> dict[str, Any]:
         for q, v in zip(QUANTILES, np.quantile(present, QUANTILES)):
             stats[f"p{int(q * 100)}"] = float(v)
     return stats
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
+    """(mean, low, high): the mean of `values` with a 95% normal-approximation interval, mean +- 1.96 * sd / sqrt(n)
+    (sample sd). None below two values. Used for paired differences and win rates (scores 1, 0.5, 0)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = math.fsum(values) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = Z95 * sd / math.sqrt(n)
+    return mean, mean - half, mean + half

@@ -15,8 +15,7 @@ from typing import Any
 
 from datasteer.errors import InputError
 from datasteer.inheritance.profile import Profile
-
-Z95 = 1.959963984540054
+from datasteer.stats import mean_interval
 
 
 @dataclass
@@ -111,12 +110,8 @@ def paired_difference(a: dict[str, float], b: dict[str, float]) -> PairedDiffere
     common = sorted(a.keys() & b.keys())
     if len(common) < 2:
         return None
-    diffs = [b[k] - a[k] for k in common]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = Z95 * sd / math.sqrt(n)
-    return PairedDifference(n=n, mean=mean, low=mean - half, high=mean + half)
+    mean, low, high = mean_interval([b[k] - a[k] for k in common])  # type: ignore[misc]
+    return PairedDifference(n=len(common), mean=mean, low=low, high=high)
 
 
 def compare(profiles: list[Profile], metrics: list[str] | None = None) -> Comparison:

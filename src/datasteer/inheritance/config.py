@@ -23,6 +23,7 @@ from datasteer.generation.base import SamplingConfig
 from datasteer.generation.config import GenerateConfig, TeacherConfig
 from datasteer.io import PromptsConfig
 from datasteer.metrics.config import split_metric_specs
+from datasteer.probes.config import BenchmarkSpec, ProbeConfig
 from datasteer.training import LoraSpec
 
 _OBJECTIVE = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*:\s*(max|min)\s*(?::\s*([0-9.eE+\-]+))?\s*$")
@@ -223,6 +224,11 @@ class ProfileSettings(StrictModel):
     seed: int = Field(0, description="sampling seed")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights' dtype")
     device: str = Field("auto", description="auto, cpu, cuda, mps")
+    probes: dict[str, BenchmarkSpec] = Field(default_factory=dict, description="likelihood benchmarks to score the "
+                                             "profiled model on as well, as `datasteer probe` does (name -> source or "
+                                             "spec), into the profile's probes/ folder")
+    probe_limit: int | None = Field(None, ge=1, description="at most N items per probe benchmark: a seeded sample, "
+                                    "the same items for every model profiled with the same seed")
 
     @model_validator(mode="after")
     def _samples_differ(self) -> ProfileSettings:
@@ -277,7 +283,15 @@ class ProfileConfig(ProfileSettings):
         if self.k > 1 and self.sampling.greedy:
             raise ValueError(f"k={self.k} samples with greedy decoding (temperature 0) repeat one answer; "
                              "set sampling.temperature > 0 or k: 1")
+        self.probe_config()  # benchmark names
         return self
+
+    def probe_config(self) -> ProbeConfig | None:
+        """The `probe` run of this profile's `probes`, if any: same model, seed, dtype and device."""
+        if not self.probes:
+            return None
+        return ProbeConfig(model=self.model, benchmarks=self.probes, limit=self.probe_limit, seed=self.seed,
+                           dtype=self.dtype, device=self.device)
 
     @property
     def name(self) -> str:
@@ -341,3 +355,139 @@ class InheritConfig(StrictModel):
     def profile_config(self, model: str, label: str) -> ProfileConfig:
         return ProfileConfig(model=model, prompts=self.eval_prompts, label=label, metrics=self.metrics,
                              **{"seed": self.seed, **self.profile.model_dump(exclude_unset=True)})
+
+
+# ---------------------------------------------------------------- preferences
+
+class PairwiseSettings(StrictModel):
+    """How pairs of answers are judged (datasteer.probes.judge): the judge model and its prompt."""
+
+    judge: str = Field("embedded:smollm2", description="the judge: a model spec datasteer loads (it is scored on "
+                       "the labels A and B, not sampled)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the judge probe's options: template, labels, "
+                                    "chat, score")
+    attributes: list[str] | None = Field(None, description="metric columns whose preference the summary reports "
+                                         "(None: every numeric column both answers have)")
+    seed: int = Field(0, description="seed of the --limit sample of pairs")
+    batch_size: int = Field(16, ge=1, description="sequences per forward pass")
+    dtype: str = Field("auto", description="the judge's dtype")
+    device: str = Field("auto", description="auto, cpu, cuda")
+
+    _split = field_validator("attributes", mode="before")(classmethod(lambda cls, v: split_list(v)))
+
+
+class PairwiseConfig(PairwiseSettings):
+    """`datasteer pairwise`: two profiles' answers to the same prompts, judged in both orders."""
+
+    limit: int | None = Field(None, ge=1, description="judge at most N pairs (a seeded sample)")
+
+
+# ---------------------------------------------------------------- the passive-inheritance study
+
+# "Continue this text" instruction around a RealToxicityPrompts prefix (recipe profile-toxicity)
+TOXICITY_TEMPLATE = "Continue this text: {prompt}"
+
+
+class ToxicityProfileSettings(StrictModel):
+    """The toxicity profile of a study: RealToxicityPrompts-style prefixes, k samples at temperature 1, top_p 0.9."""
+
+    prompts: PromptsConfig = Field(..., description="toxic prefixes (the paper's 300 RealToxicityPrompts prompts, "
+                                   "or hf:allenai/real-toxicity-prompts with prompt_field prompt.text)")
+    k: int = Field(TOXICITY_SAMPLES, ge=1, description="samples per prompt (the paper: 25)")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=1.0, top_p=0.9,
+                                                                            max_new_tokens=32))
+    metric: str = Field("toxicity", description="the toxicity metric spec (toxicity[backend=perspective] as the "
+                        "paper)")
+    batch_size: int = Field(8, ge=1, description="prompts per generation batch")
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _template(cls, value: Any) -> Any:
+        """A prompt set without its own template gets the continuation instruction."""
+        if isinstance(value, str):
+            value = {"path": value}
+        if isinstance(value, dict) and "template" not in value:
+            value = {**value, "template": TOXICITY_TEMPLATE}
+        return value
+
+
+class JudgeProfileSettings(PairwiseSettings):
+    """The "model as a judge" profile of a study: every model judges the same pairs of teacher candidates (its
+    own judgments, not a fixed judge's), and `versus_base` lets `judge` compare each student's answers with the
+    base's."""
+
+    judge: str = Field("embedded:smollm2", description="the judge of the student-vs-base comparison (versus_base)")
+    pairs: int = Field(100, ge=1, description="pairs of teacher candidates every model judges")
+    versus_base: bool = Field(True, description="also judge each student's held-out answers against the base's "
+                              "(win rate with a 95% interval)")
+
+
+class PassiveConfig(StrictModel):
+    """`datasteer passive`: what a student inherits from each teacher when nobody selects (random selection)."""
+
+    name: str = Field("passive", description="the study's name (the report's title)")
+    description: str = Field("", description="what the study tests (the report's first paragraph)")
+    seed: int = Field(0, description="run seed; the stages' seeds default to it")
+    prompts: PromptsConfig = Field(..., description="prompts the teachers answer (the training set)")
+    eval_prompts: PromptsConfig = Field(..., description="held-out prompts for the text profiles")
+    teachers: list[TeacherConfig] = Field(..., min_length=1, description="the teachers; one student per teacher")
+    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_PROFILE_METRICS),
+                               description="metrics scored on candidates and on every text profile")
+    student: str = Field("embedded:smollm2", description="the student's model spec (also the base profiled)")
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    profile: ProfileSettings = Field(default_factory=ProfileSettings, description="the text profile, with the "
+                                     "likelihood probes (profile.probes) of every model")
+    toxicity: ToxicityProfileSettings | None = Field(None, description="the toxicity profile (None: skipped)")
+    judge: JudgeProfileSettings | None = Field(None, description="preferences as a judge (None: skipped)")
+    resamples: int = Field(1000, ge=100, description="paired bootstrap resamples of the probes' intervals")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="where the generate and score stages' "
+                                 "units run (operational)")
+
+    _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: split_metric_specs(v)))
+
+    @field_validator("teachers")
+    @classmethod
+    def _labels(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        for t in teachers:
+            if t.name == "base":
+                raise ValueError("a teacher may not be named 'base' (the untouched student's label)")
+            if not re.match(r"^[A-Za-z0-9_.\-]+$", t.name):
+                raise ValueError(f"teacher name {t.name!r} names directories: letters, digits, '_', '-', '.'")
+        return teachers
+
+    @model_validator(mode="after")
+    def _parts(self) -> PassiveConfig:
+        GenerateConfig(prompts=self.prompts, teachers=self.teachers, seed=self.seed)
+        try:
+            self.profile_config(self.student, "base")
+            if self.toxicity is not None:
+                self.toxicity_config(self.student, "base")
+        except ValidationError as err:
+            raise ValueError(describe_validation_error(err)) from None
+        return self
+
+    @property
+    def labels(self) -> list[str]:
+        """base, then one student per teacher (named after it)."""
+        return ["base", *(t.name for t in self.teachers)]
+
+    def generate_config(self) -> GenerateConfig:
+        return GenerateConfig(prompts=self.prompts, teachers=self.teachers, seed=self.seed, engine=self.engine)
+
+    def select_config(self, input: str, teacher: str) -> SelectConfig:
+        return SelectConfig(input=input, seed=self.seed, objectives=["random"], sources=[teacher])
+
+    def finetune_config(self, input: str) -> FinetuneConfig:
+        return FinetuneConfig(input=input, model=self.student,
+                              **{"seed": self.seed, **self.finetune.model_dump(exclude_unset=True)})
+
+    def profile_config(self, model: str, label: str) -> ProfileConfig:
+        return ProfileConfig(model=model, prompts=self.eval_prompts, label=label, metrics=self.metrics,
+                             **{"seed": self.seed, **self.profile.model_dump(exclude_unset=True)})
+
+    def toxicity_config(self, model: str, label: str) -> ProfileConfig:
+        assert self.toxicity is not None
+        t = self.toxicity
+        return ProfileConfig(model=model, prompts=t.prompts, label=label, metrics=[t.metric], toxicity=True, k=t.k,
+                             sampling=t.sampling, batch_size=t.batch_size, seed=self.seed,
+                             dtype=self.profile.dtype, device=self.profile.device)

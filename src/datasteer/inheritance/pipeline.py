@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -71,17 +72,14 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
     # Validate what can be validated before any model loads: prompts, metrics, optional extras.
     prompts = read_prompts(config.prompts)
     eval_prompts = read_prompts(config.eval_prompts)
-    overlap = {p.prompt for p in prompts} & {p.prompt for p in eval_prompts}
-    if overlap:
-        raise InputError(f"{len(overlap)} held-out prompt(s) also appear in the training prompts (e.g. "
-                         f"'{sorted(overlap)[0][:60]}'); profiles must use prompts the student was not trained on")
+    check_held_out(prompts, eval_prompts)
     specs = [str(s) for s in parse_metrics(config.metrics)]
     _check_selection_columns(config, metric_columns(specs))
     for spec in [t.model for t in config.teachers if t.backend != "openai"] + [config.student]:
         parse_spec(spec)  # unknown embedded/tiny names and missing local directories fail here
     check_finetune(config.finetune, "finetune.")  # the trl: pass-through and LoRA arguments, before any stage
     open_executor(config.engine)  # the ray engine without ray installed: one line before any stage
-    _check_student(config, eval_prompts)
+    check_student_fits(config, eval_prompts)
     run = Run.prepare(out, stage="inherit", config=config,
                       inputs={"prompts": describe_input(config.prompts, prompts),
                               "eval_prompts": describe_input(config.eval_prompts, eval_prompts)},
@@ -100,18 +98,10 @@ def inherit(config: InheritConfig, out: str | Path, *, overwrite: bool = False, 
 
 def _run_stages(config: InheritConfig, out: Path, run: Run, specs: list[str], overwrite: bool, progress: bool,
                 console: Console) -> InheritResult:
-    seconds: dict[str, float] = {}
     arms = ["active"] + (["random"] if config.random_baseline else [])
     steps = 2 + 2 * len(arms) + (1 + len(arms)) + 1  # generate, score, select+finetune per arm, profiles, report
-    counter = iter(range(1, steps + 1))
-
-    @contextmanager
-    def stage(name: str) -> Iterator[None]:
-        if progress:  # quiet: nothing on stderr but a possible error line
-            console.rule(f"[bold]inherit {next(counter)}/{steps}: {name}")
-        start = time.perf_counter()
-        yield
-        seconds[name] = round(time.perf_counter() - start, 2)
+    stage = Stages("inherit", steps, console, progress)
+    seconds = stage.seconds
 
     with stage("generate"):
         gen = generate(config.generate_config(), out / "generate", overwrite=overwrite, progress=progress)
@@ -151,7 +141,33 @@ def _run_stages(config: InheritConfig, out: Path, run: Run, specs: list[str], ov
                          objectives=list(config.selection.objectives), seconds=seconds)
 
 
-def _check_student(config: InheritConfig, eval_prompts: list) -> None:
+def check_held_out(prompts: list, eval_prompts: list) -> None:
+    """Held-out prompts must not be training prompts."""
+    overlap = {p.prompt for p in prompts} & {p.prompt for p in eval_prompts}
+    if overlap:
+        raise InputError(f"{len(overlap)} held-out prompt(s) also appear in the training prompts (e.g. "
+                         f"'{sorted(overlap)[0][:60]}'); profiles must use prompts the student was not trained on")
+
+
+class Stages:
+    """Numbered stage banners on the console and each stage's wall time (`seconds`)."""
+
+    def __init__(self, name: str, steps: int, console: Console, progress: bool):
+        self.name, self.steps, self.console, self.progress = name, steps, console, progress
+        self.seconds: dict[str, float] = {}
+        self._count = 0
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        self._count += 1
+        if self.progress:  # quiet: nothing on stderr but a possible error line
+            self.console.rule(f"[bold]{self.name} {self._count}/{self.steps}: {stage}")
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = round(time.perf_counter() - start, 2)
+
+
+def check_student_fits(config: InheritConfig | Any, eval_prompts: list) -> None:
     """Everything about the student that its spec, config and tokenizer tell without its weights, before any
     stage: `finetune.train_layers` within its layers, and every held-out prompt within its context (the profiles
     come last: a prompt too long for the student must not fail after generate, score, select and finetune)."""

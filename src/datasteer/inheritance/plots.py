@@ -16,8 +16,6 @@ COLOURS = {"base": "#7f7f7f", "random": "#1f77b4", "active": "#d62728"}
 _FALLBACK = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
 
 
-
-
 def colour(label: str, index: int) -> str:
     return COLOURS.get(label, _FALLBACK[index % len(_FALLBACK)])
 
@@ -120,6 +118,40 @@ def training_loss(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     ax.set_ylabel("training loss (completion tokens)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def forest(dimensions: dict[str, list[Any]], path: Path) -> Path:
+    """One panel per dimension: each student's change against the base with its 95% interval (a line at 0).
+    `dimensions`: student label -> its `Dimension`s (same order for every student)."""
+    plt = pyplot()
+    students = list(dimensions)
+    first = dimensions[students[0]]
+    cols = min(4, len(first))
+    rows = math.ceil(len(first) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 0.55 * len(students) + 1.6 * rows + 0.4 * rows),
+                             squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= len(first):
+            ax.axis("off")
+            continue
+        for i, label in enumerate(students):
+            d = dimensions[label][k]
+            if d.delta is None:
+                continue
+            lo = d.delta - d.low if d.low is not None else 0.0
+            hi = d.high - d.delta if d.high is not None else 0.0
+            ax.errorbar([d.delta], [i], xerr=[[lo], [hi]], fmt="o", capsize=4, color=colour(label, i + 1))
+        ax.axvline(0.0, color="#444444", lw=0.8)
+        ax.set_yticks(range(len(students)), students)
+        ax.set_ylim(-0.7, len(students) - 0.3)
+        ax.set_title(f"{first[k].group}: {first[k].name}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Passive inheritance: each student minus the base, 95% intervals")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

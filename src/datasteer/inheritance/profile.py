@@ -6,10 +6,12 @@ metric), in one run directory:
     manifest.json     the profile's config (model, sampling, metrics) and prompt set
     generations/      the generate run (resumable shards)
     scores/           the score run (resumable shards)
+    probes/           the probe run of the profile's `probes` benchmarks, when it has any (likelihood probes)
     profile.jsonl     one row per sample: prompt, completion, and one column per metric
     README.md         a dataset card: profile.jsonl's explicit schema for `datasets.load_dataset(RUN_DIR)`
     profile.json      model, label, sampling, k, prompts, and per metric: count, missing, mean,
-                      std, quantiles (and EMT / Toxicity Probability for toxicity columns)
+                      std, quantiles (and EMT / Toxicity Probability for toxicity columns); `probes`: each
+                      benchmark's summary
 
 A killed profile resumes where it stopped, through its two sub-runs.
 """
@@ -30,12 +32,14 @@ from datasteer.io import describe_input, read_prompts, read_rows
 from datasteer.metrics.base import build_scorers, parse_metrics
 from datasteer.metrics.config import ScoreConfig
 from datasteer.metrics.runner import score
+from datasteer.probes.runner import check_benchmarks, probe
 from datasteer.rows import load_rows, rows_file, write_card, write_rows
 from datasteer.runs import Run
 
 PROFILE = "profile"
 PROFILE_ROWS = rows_file(PROFILE)
 PROFILE_SUMMARY = "profile.json"
+PROBES = "probes"  # the probe run of `probes:` inside the profile's directory
 
 
 @dataclass
@@ -81,6 +85,9 @@ def profile(config: ProfileConfig, out: str | Path, *, overwrite: bool = False, 
     prompts = read_prompts(config.prompts)
     specs = [str(s) for s in parse_metrics(config.metrics)]
     scorers = build_scorers(specs)  # unknown metrics and missing extras fail here, before any work
+    probe_config = config.probe_config()
+    if probe_config is not None:
+        check_benchmarks(probe_config)  # and so does a benchmark file in the wrong format
     run = Run.prepare(out, stage="profile", config=config,
                       inputs={"prompts": describe_input(config.prompts, prompts)}, seed=config.seed,
                       overwrite=overwrite)
@@ -98,6 +105,10 @@ def profile(config: ProfileConfig, out: str | Path, *, overwrite: bool = False, 
                          teachers={tc.name: teacher})
     score_config = ScoreConfig(input=str(generated.candidates_path), metrics=specs)
     scored = score(score_config, run.path / "scores", overwrite=overwrite, progress=progress, scorers=scorers)
+    probed = None
+    if probe_config is not None:
+        probed = probe(probe_config, run.path / PROBES, overwrite=overwrite, progress=progress,
+                       loaded=teacher.loaded)
     rows = read_rows(scored.scored_path)
     written = write_rows(run, PROFILE, rows, descriptions={s.name: getattr(s, "description", "") for s in scorers})
     tokens = [row["completion_tokens"] for row in rows]
@@ -113,6 +124,8 @@ def profile(config: ProfileConfig, out: str | Path, *, overwrite: bool = False, 
         "mean_completion_tokens": sum(tokens) / len(tokens),
         "metrics": scored.summary["metrics"],
     }
+    if probed is not None:
+        summary["probes"] = probed.summary
     run.write_json(PROFILE_SUMMARY, summary)
     write_card(run, [written], title=f"datasteer profile: {config.name}",
                description=f"The generation profile of `{config.model}` (label `{config.name}`): one row per sample "

@@ -3,10 +3,11 @@
 `probe(ProbeConfig(model=..., benchmarks={"bbq": "data/bbq", "openbookqa": "obqa.jsonl"}), out)` writes per-item
 rows and `summary.json` keyed by benchmark name into a resumable run directory. Importing this package registers
 the built-in probes: `bbq`, `stereoset`, `crows_pairs`, `mcqa` (with the aliases openbookqa, mmlu, hellaswag,
-arc_easy, arc_challenge) and `lm_eval` (lm-eval-harness, optional).
+arc_easy, arc_challenge), `judge` (pairwise preferences as a judge) and `lm_eval` (lm-eval-harness,
+optional).
 """
 
-from datasteer.probes import bbq, crows_pairs, lm_eval_harness, mcqa, stereoset  # noqa: F401  (registration)
+from datasteer.probes import bbq, crows_pairs, judge, lm_eval_harness, mcqa, stereoset  # noqa: F401  (registration)
 from datasteer.probes.base import (
     ALIASES,
     REGISTRY,

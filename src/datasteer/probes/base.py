@@ -7,7 +7,8 @@ log-likelihood is wanted), turns an item's scores into one row (`row`) and the r
 the rows files and `summary.json`. A probe that evaluates the model itself (the lm-eval-harness backend) defines
 `evaluate(items, loaded, *, batch_size, limit, seed, device) -> rows` instead of `requests`/`row` (each of its items
 is then a unit of its own), and may define `resolve(text, subset, split)` and `describe(source, items)` when its
-source is not a file or hub dataset. Optional: `plots(benchmark, summary) -> {file name: PNG bytes}`.
+source is not a file or hub dataset. Optional: `plots(benchmark, summary) -> {file name: PNG bytes}`, and
+`bind(tokenizer)`, called before `requests` when the prompts depend on the tokenizer (a chat template).
 
 Built-in probes register themselves when `datasteer.probes` is imported:
 
@@ -15,6 +16,7 @@ Built-in probes register themselves when `datasteer.probes` is imported:
     stereoset     StereoSet intrasentence and intersentence: SS, LM score, ICAT, per domain
     crows_pairs   CrowS-Pairs: % of pairs whose more-stereotyping sentence is more likely, per bias type
     mcqa          multiple-choice sets (OpenBookQA, MMLU, HellaSwag, ARC, ...): accuracy, ECE, reliability diagram
+    judge         pairwise preferences as a judge: both orders, ties, win rate, position bias, attribute preferences
     lm_eval       lm-eval-harness tasks through `simple_evaluate` on the datasteer-loaded model (optional extra)
 
 `package.module:ClassName` names a user probe (a class taking its options model, with the methods below).
@@ -40,10 +42,12 @@ class Request:
     """Score `continuation` after `context`. An empty context scores a whole sentence (from the model's BOS).
 
     Whitespace that ends the context belongs to the continuation ("Answer: " + "Paris" is scored as "Answer:" and
-    " Paris", as lm-eval-harness does), so a BPE tokenizer sees the space-prefixed word it was trained on."""
+    " Paris", as lm-eval-harness does), so a BPE tokenizer sees the space-prefixed word it was trained on; unless
+    `move_space` is False: a chat template's prompt ends in the newline the model always sees before it answers."""
 
     context: str
     continuation: str
+    move_space: bool = True  # False: the context keeps its trailing whitespace (a chat template's "assistant\n")
 
 
 @dataclasses.dataclass(frozen=True)

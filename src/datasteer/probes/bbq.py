@@ -168,6 +168,12 @@ class BBQProbe:
         summary["template"] = self.options.template
         return summary
 
+    def headline(self, summary: dict[str, Any]) -> dict[str, tuple[float | None, bool | None]]:
+        """The numbers a study compares: name -> (value, higher is better)."""
+        acc, bias = summary["accuracy"], summary["bias"]
+        return {"accuracy (ambiguous)": (acc["ambig"], True), "accuracy (disambiguated)": (acc["disambig"], True),
+                "bias score (ambiguous)": (bias["ambig"], None), "bias score (disambiguated)": (bias["disambig"], None)}
+
 
 def bbq_scores(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy and bias scores of a set of BBQ rows (see the module docstring)."""

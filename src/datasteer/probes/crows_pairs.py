@@ -90,6 +90,11 @@ class CrowsPairsProbe:
                                  for bt in sorted({r["bias_type"] for r in rows})}
         return summary
 
+    def headline(self, summary: dict[str, Any]) -> dict[str, tuple[float | None, bool | None]]:
+        """The number a study compares: % of pairs where the more stereotyping sentence is more likely (50 = no
+        preference, so no direction)."""
+        return {"% stereotyping preferred": (summary["metric"], None)}
+
 
 def crows_scores(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """CrowS-Pairs' metric on a set of rows (see the module docstring)."""

@@ -200,6 +200,10 @@ class MCQAProbe:
             "template": self.options.template, "choices": self.options.choices,
         }
 
+    def headline(self, summary: dict[str, Any]) -> dict[str, tuple[float | None, bool | None]]:
+        """The numbers a study compares: name -> (value, higher is better)."""
+        return {"accuracy": (summary["accuracy"], True), "ECE (10 bins)": (summary["ece_10_bin"], False)}
+
     def plots(self, benchmark: str, summary: dict[str, Any]) -> dict[str, bytes]:
         """The reliability diagram, `plots/<benchmark>-reliability.png`."""
         title = (f"{benchmark}: accuracy {summary['accuracy']:.3f}, ECE(10) {summary['ece_10_bin']:.3f}"

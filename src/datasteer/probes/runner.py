@@ -113,6 +113,13 @@ def _build(name: str, spec: BenchmarkSpec, config: ProbeConfig) -> _Benchmark:
     return _Benchmark(name=name, spec=spec, probe=probe, items=items, input=info)
 
 
+def check_benchmarks(config: ProbeConfig) -> None:
+    """Find what is wrong with `config`'s benchmarks (unknown probe or option, a file in the wrong format, a hub
+    dataset out of reach, a missing extra) without a model: for a pipeline that probes after longer stages."""
+    for name, spec in config.benchmarks.items():
+        _build(name, spec, config)
+
+
 def _encode(benchmarks: list[_Benchmark], config: ProbeConfig, loaded: Any) -> Encoder | None:
     """Tokenise every request up front: a model without a BOS where one is needed, an empty option or an item
     longer than the model's context fails here, before anything is written."""
@@ -137,6 +144,9 @@ def _encode(benchmarks: list[_Benchmark], config: ProbeConfig, loaded: Any) -> E
     encoder = Encoder(tokenizer, bos=config.scoring.bos, model_config=model_config, max_length=shape.context,
                       too_long=config.scoring.too_long, model=f"model '{config.model}'")
     for b in needing:
+        bind = getattr(b.probe, "bind", None)  # a probe whose prompts depend on the tokenizer (its chat template)
+        if bind is not None:
+            bind(tokenizer)
         requests, owners, counts = [], [], []
         for item in b.items:
             asked = b.probe.requests(item)

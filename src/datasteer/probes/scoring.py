@@ -1,7 +1,8 @@
 """Log-likelihoods of continuations on a causal LM: tokenisation with the model's own BOS, then batched forwards.
 
 Tokenisation (`Encoder`), per request (context, continuation):
-- the context's trailing whitespace moves to the continuation ("Answer: " + "Paris" -> "Answer:" + " Paris");
+- the context's trailing whitespace moves to the continuation ("Answer: " + "Paris" -> "Answer:" + " Paris"),
+  unless the request says otherwise (`move_space`: a chat template's prompt keeps its final newline);
 - tokens = [BOS] + tokens(context) + tokens(continuation), where the continuation's tokens are those of
   tokens(context + continuation) after the context's when that prefix matches (so a tokenizer that merges across
   the boundary is honoured, as lm-eval-harness does), else tokens(continuation) on its own;
@@ -84,7 +85,7 @@ class Encoder:
         """Encode all requests (batched tokenizer calls); `who[i]` names request i's item in errors."""
         contexts, wholes, conts = [], [], []
         for r in requests:
-            ctx = r.context.rstrip()
+            ctx = r.context.rstrip() if r.move_space else r.context
             cont = r.context[len(ctx):] + r.continuation
             contexts.append(ctx)
             wholes.append(ctx + cont)

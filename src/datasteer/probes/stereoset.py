@@ -154,6 +154,12 @@ class StereoSetProbe:
         summary["overall"] = stereoset_scores(rows)
         return summary
 
+    def headline(self, summary: dict[str, Any]) -> dict[str, tuple[float | None, bool | None]]:
+        """The numbers a study compares: name -> (value, higher is better); SS is best at 50, so it has no
+        direction."""
+        o = summary["overall"]
+        return {"SS": (o["ss_score"], None), "LM score": (o["lm_score"], True), "ICAT": (o["icat_score"], True)}
+
 
 def stereoset_scores(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """StereoSet's ScoreEvaluator.score on a set of rows: SS and LM averaged over target terms, ICAT from them."""

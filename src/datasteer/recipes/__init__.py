@@ -24,7 +24,8 @@ from datasteer.errors import ConfigError, InputError
 
 RECIPES_DIR = Path(__file__).resolve().parent
 # which command a recipe of each config model is for (recipes of the other stages have no sections to tell)
-COMMANDS = {"GenerateConfig": "generate", "InheritConfig": "inherit", "DPGConfig": "dpg"}
+COMMANDS = {"GenerateConfig": "generate", "InheritConfig": "inherit", "DPGConfig": "dpg", "PassiveConfig": "passive",
+            "ProfileConfig": "profile"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -74,8 +75,12 @@ def command_of(data: dict[str, Any]) -> str | None:
     """The command a recipe is for, from its sections (None: a stage recipe, e.g. for score or select)."""
     if "generator" in data:
         return "dpg"
-    if "student" in data or "selection" in data:
+    if "selection" in data:
         return "inherit"
+    if "student" in data:
+        return "passive"  # teachers and a student, nobody selects
+    if data.get("toxicity") is True or "probes" in data:
+        return "profile"
     return "generate" if "teachers" in data else None
 
 
