@@ -1,7 +1,7 @@
 """Configuration of `generate`: prompts, one or several teachers, a seed.
 
 A teacher's `backend` picks its config class (a pydantic discriminated union): each backend module
-(`transformers_backend`, `openai_backend`, `vllm_backend`) defines its config beside its code, and
+(`transformers_backend`, `openai_backend`, `openai_batch`, `vllm_backend`) defines its config beside its code, and
 `BACKENDS` below is the one registry line a new backend adds.
 """
 
@@ -15,6 +15,7 @@ from datasteer.config import StrictModel
 from datasteer.engines import EngineConfig
 from datasteer.generation.base import SamplingConfig, TeacherBase
 from datasteer.generation.openai_backend import OpenAITeacherConfig
+from datasteer.generation.openai_batch import OpenAIBatchTeacherConfig
 from datasteer.generation.transformers_backend import TransformersTeacherConfig
 from datasteer.generation.vllm_backend import VLLMTeacherConfig
 from datasteer.io import PromptsConfig
@@ -23,6 +24,7 @@ BACKENDS: dict[str, type[TeacherBase]] = {
     "transformers": TransformersTeacherConfig,
     "openai": OpenAITeacherConfig,
     "vllm": VLLMTeacherConfig,
+    "openai-batch": OpenAIBatchTeacherConfig,
 }
 DEFAULT_BACKEND = "transformers"
 
