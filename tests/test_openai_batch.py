@@ -51,7 +51,8 @@ def test_batch_rows_equal_the_live_backend_and_report_usage(tmp_path, prompts, m
     rows = _rows(batch)
     assert usage["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows) > 0
     assert usage["completion_tokens"] == sum(r["completion_tokens"] for r in rows) > 0
-    assert usage["cost"]["total"] == pytest.approx(usage["prompt_tokens"] * 0.5e-6 + usage["completion_tokens"] * 1.5e-6)
+    expected = usage["prompt_tokens"] * 0.5e-6 + usage["completion_tokens"] * 1.5e-6
+    assert usage["cost"]["total"] == pytest.approx(expected) and batch.cost == pytest.approx(expected)
     records = json.loads((tmp_path / "batch" / "teachers" / "b" / "batches.json").read_text())["batches"]
     assert [(r["batch_id"], r["status"], r["collected"]) for r in records] == [("batch_1", "completed", True)]
     assert all(k == f"Bearer {SECRET}" for k in stub.keys)
@@ -171,8 +172,6 @@ def test_unanswered_requests_go_into_a_follow_up_batch_alone(tmp_path, prompts, 
     with StubOpenAI(batch_polls=1, hook=flaky) as stub:
         result = generate(_config(prompts, stub.url, max_retries=1), tmp_path / "run", progress=False)
         assert result.rows == 14 and stub.batch_creations == 2
-        first, second = [json.loads(stub.files[b["public"]["input_file_id"]].decode().splitlines()[0])
-                         for b in stub.batches.values()]
         sizes = [len(stub.files[b["public"]["input_file_id"]].splitlines()) for b in stub.batches.values()]
     assert sizes == [14, len(failed_once)] and failed_once, "only the unanswered requests are submitted again"
     chat_seeds = [seed for _, seed in stub.chat]
