@@ -236,7 +236,7 @@ class Unroll:
         return state
 
     # -- reverse -----------------------------------------------------------------------------------
-    def _first_order(self, batch: MicroBatch, t: int, leaves: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
+    def _first_order(self, batch: MicroBatch, leaves: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
         u = self._scaled(batch).detach().requires_grad_(True)
         loss = (u * self._losses(leaves, batch)).sum()
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
@@ -245,7 +245,7 @@ class Unroll:
     def reverse_step(self, state: TrainState, t: int, adjoint: TrainState, scores: Tensor) -> TrainState:
         leaves = [p.detach().requires_grad_(True) for p in state.params]
         batches = self.batches[t]
-        kept = self._first_order(batches[0], t, leaves) if len(batches) == 1 else None
+        kept = self._first_order(batches[0], leaves) if len(batches) == 1 else None
         if kept is not None:
             grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(kept[1], leaves)]
             if self.world > 1:  # reduced into copies: the kept graph still needs this rank's own gradient
@@ -263,7 +263,7 @@ class Unroll:
         # rank's share of H_t g_bar is summed apart, then over the ranks)
         hvp = adj_params if self.world == 1 else [torch.zeros_like(p) for p in adj_params]
         for batch in batches:
-            u, first = kept if kept is not None else self._first_order(batch, t, leaves)
+            u, first = kept if kept is not None else self._first_order(batch, leaves)
             kept = None
             terms = [(g * a).sum() for g, a in zip(first, adj_grads) if g is not None and g.requires_grad]
             if not terms:
