@@ -220,3 +220,102 @@ def test_real_server_through_the_cli(served_model, prompts_file, tmp_path):
     assert "2 candidates" in proc.stdout
     manifest = (out / "manifest.json").read_text()
     assert "SERVE_KEY" in manifest and SECRET not in manifest and SECRET not in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- across units, on the loopback stub
+
+def _stub_config(prompts, url, **teacher):
+    fields = {"name": "remote", "model": "m", "backend": "openai", "base_url": url, "k": 1, "batch_size": 2,
+              "concurrency": 8, **teacher}
+    return GenerateConfig.model_validate({"prompts": str(prompts), "teachers": [fields], "seed": 1})
+
+
+def test_concurrency_stays_up_across_units(tmp_path):
+    """Batches of 2 prompts, 8 requests in flight: the old backend never had more than 2 (one unit at a time)."""
+    from tests.conftest import write_prompts
+    from tests.test_openai_server import StubOpenAI
+
+    prompts = write_prompts(tmp_path / "p.jsonl", [f"question {i}" for i in range(64)])
+    with StubOpenAI(delay=0.05) as stub:
+        result = generate(_stub_config(prompts, stub.url), tmp_path / "run", progress=False)
+        mean = stub.mean_in_flight()
+    assert result.rows == 64 and stub.peak == 8
+    assert mean >= 6, f"{mean:.1f} requests in flight on average (unit by unit: 2 at most)"
+    assert result.generation_seconds < 1.2, "ideal 0.4 s; unit by unit (32 units of 50 ms) 1.6 s"
+    rows = [json.loads(x) for x in result.candidates_path.read_text().splitlines()]
+    assert [r["prompt_id"] for r in rows] == [f"p{i:03d}" for i in range(64)], "plan order, whatever the finish order"
+
+
+def test_usage_and_cost_totals_per_teacher(tmp_path):
+    from tests.conftest import write_prompts
+    from tests.test_openai_server import StubOpenAI
+
+    prompts = write_prompts(tmp_path / "p.jsonl", [f"question {i}" for i in range(5)])
+    with StubOpenAI() as stub, StubOpenAI(usage=False) as silent:
+        teachers = [
+            {"name": "priced", "model": "m", "backend": "openai", "base_url": stub.url, "k": 2,
+             "prices": {"input": 2.5, "output": 10.0}},
+            {"name": "free", "model": "m", "backend": "openai", "base_url": stub.url},
+            {"name": "silent", "model": "m", "backend": "openai", "base_url": silent.url,
+             "prices": {"input": 1.0, "output": 1.0}},
+        ]
+        config = GenerateConfig.model_validate({"prompts": str(prompts), "teachers": teachers})
+        result = generate(config, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in result.candidates_path.read_text().splitlines()]
+    summary = json.loads((tmp_path / "run" / "manifest.json").read_text())["summary"]
+    assert summary["usage"] == result.usage
+    for name in ("priced", "free"):
+        mine = [r for r in rows if r["source"] == name]
+        usage = result.usage[name]
+        assert usage["rows"] == len(mine) and "rows_without_usage" not in usage
+        assert usage["prompt_tokens"] == sum(r["prompt_tokens"] for r in mine) > 0
+        assert usage["completion_tokens"] == sum(r["completion_tokens"] for r in mine) > 0
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    priced = result.usage["priced"]
+    assert priced["cost"] == {"input": round(priced["prompt_tokens"] * 2.5 / 1e6, 6),
+                              "output": round(priced["completion_tokens"] * 10.0 / 1e6, 6),
+                              "total": round(priced["prompt_tokens"] * 2.5e-6 + priced["completion_tokens"] * 1e-5, 6)}
+    assert "cost" not in result.usage["free"]
+    assert result.usage["silent"]["rows_without_usage"] == 5 and result.usage["silent"]["cost"]["total"] == 0
+    assert summary["cost"] == result.cost == pytest.approx(priced["cost"]["total"])
+
+
+def test_resume_after_sigkill_does_not_ask_for_finished_units_again(tmp_path):
+    """`datasteer generate` killed with SIGKILL mid-run, then the same command: the rows of an uninterrupted run, and
+    no request of a unit whose shard was written before the kill is sent again."""
+    import signal
+
+    from tests.conftest import write_prompts
+    from tests.test_openai_server import StubOpenAI
+
+    prompts = write_prompts(tmp_path / "p.jsonl", [f"question {i}" for i in range(60)])
+
+    def args(url, out):
+        return DATASTEER + ["generate", str(prompts), "--backend", "openai", "--base-url", url, "--model", "m",
+                            "--batch-size", "3", "--concurrency", "4", "--seed", "5", "--out", str(out), "--quiet"]
+
+    with StubOpenAI(delay=0.03) as stub:
+        reference = subprocess.run(args(stub.url, tmp_path / "ref"), capture_output=True, text=True, env=cli_env(),
+                                   timeout=300)
+        assert reference.returncode == 0, reference.stderr
+        stub.chat.clear()
+        out = tmp_path / "run"
+        proc = subprocess.Popen(args(stub.url, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=cli_env())
+        deadline = time.time() + 120
+        while len(list(out.glob("shards/*/*.jsonl"))) < 6 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        finished = {json.loads(line)["seed"] for shard in out.glob("shards/*/*.jsonl")
+                    for line in shard.read_text().splitlines()}
+        first = list(stub.chat)
+        assert 6 * 3 <= len(finished) < 60, "killed mid-run"
+        stub.chat.clear()
+        again = subprocess.run(args(stub.url, out), capture_output=True, text=True, env=cli_env(), timeout=300)
+        assert again.returncode == 0, again.stderr
+        second = list(stub.chat)
+    assert not {seed for _, seed in second} & finished, "finished units are not asked for again"
+    repeated = {seed for _, seed in second} & {seed for _, seed in first}
+    assert len(repeated) <= 4 + 3, "at most the requests in flight and the unfinished unit's answers are redone"
+    assert (out / "candidates.jsonl").read_bytes() == (tmp_path / "ref" / "candidates.jsonl").read_bytes()

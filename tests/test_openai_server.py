@@ -71,6 +71,7 @@ class StubOpenAI:
         self.in_flight = 0
         self.peak = 0
         self.arrivals: list[tuple[float, int]] = []  # (time, requests in flight including this one)
+        self.spans: list[tuple[float, float]] = []  # (arrival, answer) of every chat request
         self.chat: list[tuple[str, int]] = []  # (last user message, seed) of every chat request answered
         self.files: dict[str, bytes] = {}
         self.uploads = 0
@@ -153,7 +154,8 @@ class StubOpenAI:
         with self.lock:
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
-            self.arrivals.append((time.monotonic(), self.in_flight))
+            arrived = time.monotonic()
+            self.arrivals.append((arrived, self.in_flight))
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
@@ -166,6 +168,7 @@ class StubOpenAI:
         finally:
             with self.lock:
                 self.in_flight -= 1
+                self.spans.append((arrived, time.monotonic()))
 
     # -- files
     def _upload(self, content_type: str, data: bytes) -> dict[str, Any]:
@@ -244,6 +247,12 @@ class StubOpenAI:
                 public[kind] = file_id
         public["status"] = "completed"
         public["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(errors)}
+
+    def mean_in_flight(self) -> float:
+        """Chat requests in flight on average, from the first arrival to the last answer."""
+        with self.lock:
+            spans = list(self.spans)
+        return sum(b - a for a, b in spans) / (max(b for _, b in spans) - min(a for a, _ in spans))
 
     def close(self) -> None:
         async def stop() -> None:

@@ -22,6 +22,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 Clock = Callable[[], float]
+RECHECK_S = 0.05  # a waiting request looks again this often: answers settle their tokens while it waits
 Sleep = Callable[[float], Awaitable[Any]]
 
 
@@ -81,6 +82,7 @@ class Pacer:
                         wait = max(wait, bucket.wait_for(cost))
                 if wait <= 0:
                     break
+                wait = min(wait, RECHECK_S)  # tokens settled meanwhile may let the request go sooner
                 self.waited_s += wait
                 await self._sleep(wait)
             if self.requests is not None:
