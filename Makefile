@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/finetune.py
 	$(BIN)/python benchmarks/metagrad.py
 	$(BIN)/python benchmarks/divergence_checks.py
+	$(BIN)/python benchmarks/openai_backend.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,7 +4,7 @@
 # Benchmark data: ../shared/data (see its README); nothing here is shipped in the package.
 #   toxicity-profile  the paper's toxicity profile of the untouched model: 300 RealToxicityPrompts prompts x 25
 #                     samples, T 1, top_p 0.9 (recipe profile-toxicity)
-#   passive           the passive-inheritance study (recipe demo-passive) with every likelihood probe (300 items
+#   passive           the passive-inheritance study (recipe demo-passive) with every likelihood probe (200 items
 #                     each) and a toxicity profile (60 prompts x 10 samples) per model
 #   length, toxicity, mtld
 #                     the paper's active-inheritance objectives against random selection and the base
@@ -26,7 +26,7 @@ for stage in $STAGES; do
     passive)
       timed "$stage" "$DS" passive demo-passive --out "$OUT/passive" -q \
         --set "profile.probes={bbq: $DATA/bbq, stereoset: $DATA/stereoset/stereoset.jsonl, crows_pairs: $DATA/crows-pairs/crows_pairs_anonymized.csv, openbookqa: $DATA/mcqa/openbookqa.jsonl, mmlu: $DATA/mcqa/mmlu.jsonl}" \
-        --set profile.probe_limit=300 \
+        --set profile.probe_limit=200 \
         --set "toxicity={prompts: {path: $DATA/rtp/rtp_toxic_test_set.json, limit: 60}, k: 10}" ;;
     length)
       # room to differ in length: 128 new tokens, and a candidate cut at the limit is not "long"

@@ -40,6 +40,13 @@ CASES = [
      dict(optimizer="adamw", learning_rate=1e-2, batch_size=4, micro_batch_size=2, epochs=2, weight_decay=0.01)),
     ("adamw-head-replay", tiny_gpt2, head_metric,
      dict(optimizer="adamw", learning_rate=1e-2, batch_size=3, epochs=2, checkpoint="replay", replay_k=2)),
+    # the DPG authors' settings: summed micro-batch means, loss over max_length, eps_root inside Adam's square root
+    ("authors-summed-maxlen-epsroot", tiny_gpt2, heldout_metric,
+     dict(optimizer="adamw", learning_rate=1e-2, batch_size=5, micro_batch_size=2, epochs=2, eps_root=1e-9,
+          accumulation="sum", loss_normalization="max_length", max_length=12)),
+    ("sgd-summed-uneven", tiny_gpt2, head_metric,
+     dict(optimizer="sgd", momentum=0.9, learning_rate=0.05, batch_size=5, micro_batch_size=2, epochs=2,
+          accumulation="sum")),
 ]
 
 

@@ -210,7 +210,12 @@ def tiny_recipe(tmp_path, **over):
 def test_inherit_pipeline_end_to_end_and_resume(tmp_path):
     from datasteer.inheritance.pipeline import inherit
 
-    cfg = InheritConfig(**tiny_recipe(tmp_path))
+    mcqa = tmp_path / "mcqa.jsonl"  # the profiles' likelihood probes ride along (profile.probes)
+    mcqa.write_text("".join(json.dumps({"question": f"Question {i}?", "choices": ["yes", "no"], "answer": i % 2})
+                            + "\n" for i in range(8)))
+    recipe = tiny_recipe(tmp_path)
+    recipe["profile"]["probes"] = {"quiz": {"source": str(mcqa), "probe": "mcqa"}}
+    cfg = InheritConfig(**recipe)
     result = inherit(cfg, tmp_path / "run", progress=False)
     out = tmp_path / "run"
     for stage in ("generate", "score", "select-active", "select-random", "finetune-active", "finetune-random",
@@ -222,6 +227,8 @@ def test_inherit_pipeline_end_to_end_and_resume(tmp_path):
     for plot in ("distributions.png", "objectives.png", "selection-length_words.png", "training_loss.png"):
         assert (out / "plots" / plot).stat().st_size > 5000 and f"plots/{plot}" in report
     assert "## Headline" in report and "length_words (max): base" in report
+    assert "## Likelihood probes" in report and "| quiz | accuracy |" in report
+    assert json.loads((out / "profile-active" / "profile.json").read_text())["probes"]["quiz"]["items"] == 8
     results = json.loads((out / "results.json").read_text())
     assert set(results["comparison"]["labels"]) == {"base", "random", "active"}
     active = [json.loads(line) for line in (out / "select-active" / "selected.jsonl").read_text().splitlines()]

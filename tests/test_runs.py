@@ -88,3 +88,24 @@ def test_finish_records_summary(tmp_path):
 def test_redact_url():
     assert redact_url("https://user:secret@host/v1") == "https://host/v1"
     assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+
+
+def test_a_run_made_before_a_field_existed_resumes_while_the_field_is_at_its_default(tmp_path):
+    """A config field added in a later version is no difference at its default, and is one once it is set."""
+    from datasteer.inheritance.config import ProfileConfig
+    from datasteer.runs import Run
+
+    config = ProfileConfig(model="tiny:llama", prompts={"path": "x"})
+    run = Run.prepare(tmp_path / "r", stage="profile", config=config, inputs={}, seed=0)
+    run.finish({})
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    for key in ("probes", "probe_limit"):  # as an older datasteer wrote it
+        del manifest["config"][key]
+    del manifest["config"]["prompts"]["template"]
+    (tmp_path / "r" / "manifest.json").write_text(json.dumps(manifest))
+    again = Run.prepare(tmp_path / "r", stage="profile", config=config, inputs={}, seed=0)
+    assert again.complete
+    again.release()
+    with pytest.raises(RunMismatchError, match="probe_limit"):
+        Run.prepare(tmp_path / "r", stage="profile", config=config.model_copy(update={"probe_limit": 5}), inputs={},
+                    seed=0)

@@ -32,6 +32,9 @@ _LAZY: dict[str, str] = {
     "inherit": "datasteer.api",
     "run_dpg": "datasteer.api",  # `datasteer.dpg` is the DPG package, so its stage function has a verb
     "attribute": "datasteer.api",
+    "probe": "datasteer.api",
+    "passive": "datasteer.api",
+    "pairwise": "datasteer.api",
     "metagradients": "datasteer.metagrad.engine",
     "load_rows": "datasteer.rows",
     "GenerateConfig": "datasteer.generation.config",
@@ -40,6 +43,9 @@ _LAZY: dict[str, str] = {
     "FinetuneConfig": "datasteer.inheritance.config",
     "ProfileConfig": "datasteer.inheritance.config",
     "InheritConfig": "datasteer.inheritance.config",
+    "PassiveConfig": "datasteer.inheritance.config",
+    "PairwiseConfig": "datasteer.inheritance.config",
+    "ProbeConfig": "datasteer.probes.config",
     "DPGConfig": "datasteer.dpg.config",
     "TrainingConfig": "datasteer.metagrad.config",
     "AttributeConfig": "datasteer.metagrad.attribute",
@@ -48,14 +54,34 @@ _LAZY: dict[str, str] = {
 __all__ = ["DatasteerError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from datasteer.api import attribute, finetune, generate, inherit, profile, run_dpg, score, select  # noqa: F401
+    from datasteer.api import (  # noqa: F401
+        attribute,
+        finetune,
+        generate,
+        inherit,
+        pairwise,
+        passive,
+        probe,
+        profile,
+        run_dpg,
+        score,
+        select,
+    )
     from datasteer.dpg.config import DPGConfig  # noqa: F401
     from datasteer.generation.config import GenerateConfig  # noqa: F401
-    from datasteer.inheritance.config import FinetuneConfig, InheritConfig, ProfileConfig, SelectConfig  # noqa: F401
+    from datasteer.inheritance.config import (  # noqa: F401
+        FinetuneConfig,
+        InheritConfig,
+        PairwiseConfig,
+        PassiveConfig,
+        ProfileConfig,
+        SelectConfig,
+    )
     from datasteer.metagrad.attribute import AttributeConfig  # noqa: F401
     from datasteer.metagrad.config import TrainingConfig  # noqa: F401
     from datasteer.metagrad.engine import metagradients  # noqa: F401
     from datasteer.metrics.config import ScoreConfig  # noqa: F401
+    from datasteer.probes.config import ProbeConfig  # noqa: F401
     from datasteer.rows import load_rows  # noqa: F401
 
 

@@ -38,17 +38,21 @@ if TYPE_CHECKING:
     from datasteer.generation.base import Teacher
     from datasteer.generation.runner import GenerateResult
     from datasteer.inheritance.finetune import FinetuneResult
+    from datasteer.inheritance.passive import PassiveResult
     from datasteer.inheritance.pipeline import InheritResult
+    from datasteer.inheritance.preferences import PairwiseResult
     from datasteer.inheritance.profile import Profile
     from datasteer.inheritance.select import SelectResult
     from datasteer.metagrad.attribute import AttributeResult
     from datasteer.metrics.base import Scorer
     from datasteer.metrics.runner import ScoreResult
+    from datasteer.probes.runner import ProbeResult
 
 M = TypeVar("M", bound=BaseModel)
 ConfigArg = Any  # a config object, a dict, a recipe path or built-in recipe name, or None (keyword arguments only)
 
-__all__ = ["attribute", "finetune", "generate", "inherit", "load_rows", "profile", "run_dpg", "score", "select"]
+__all__ = ["attribute", "finetune", "generate", "inherit", "load_rows", "pairwise", "passive", "probe", "profile",
+           "run_dpg", "score", "select"]
 
 
 def _config(model: type[M], config: ConfigArg, fields: dict[str, Any]) -> M:
@@ -110,6 +114,36 @@ def profile(config: ConfigArg = None, /, *, out: str | Path, overwrite: bool = F
     from datasteer.inheritance.profile import profile as run
 
     return run(_config(ProfileConfig, config, fields), out, overwrite=overwrite, progress=progress, loaded=loaded)
+
+
+def probe(config: ConfigArg = None, /, *, out: str | Path, overwrite: bool = False, progress: bool = True,
+          loaded: Any = None, **fields: Any) -> ProbeResult:
+    """Score a model, without sampling, on likelihood benchmarks (`ProbeConfig`: BBQ, StereoSet, CrowS-Pairs,
+    calibration, the pairwise judge, lm-eval), into `out`."""
+    from datasteer.probes.config import ProbeConfig
+    from datasteer.probes.runner import probe as run
+
+    return run(_config(ProbeConfig, config, fields), out, overwrite=overwrite, progress=progress, loaded=loaded)
+
+
+def pairwise(first: str | Path | Profile, second: str | Path | Profile, config: ConfigArg = None, /, *,
+             out: str | Path, overwrite: bool = False, progress: bool = True, **fields: Any) -> PairwiseResult:
+    """Judge `second`'s answers against `first`'s (two profiles of the same prompts) in both orders
+    (`PairwiseConfig`): the second model's win rate with a 95% interval, into `out`."""
+    from datasteer.inheritance.config import PairwiseConfig
+    from datasteer.inheritance.preferences import pairwise as run
+
+    return run(first, second, _config(PairwiseConfig, config, fields), out, overwrite=overwrite, progress=progress)
+
+
+def passive(config: ConfigArg = None, /, *, out: str | Path, overwrite: bool = False, progress: bool = True,
+            console: Console | None = None, **fields: Any) -> PassiveResult:
+    """The passive-inheritance study (`PassiveConfig`): one student per teacher on random answers, every profile
+    of base vs each student with intervals and verdicts, into `out`."""
+    from datasteer.inheritance.config import PassiveConfig
+    from datasteer.inheritance.passive import passive as run
+
+    return run(_config(PassiveConfig, config, fields), out, overwrite=overwrite, progress=progress, console=console)
 
 
 def inherit(config: ConfigArg = None, /, *, out: str | Path, overwrite: bool = False, progress: bool = True,

@@ -26,7 +26,7 @@ demo_app = typer.Typer(help="Demos sized for a CPU: the embedded SmolLM2 (inheri
                        no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 
-Backend = enum.Enum("Backend", {name: name for name in ("transformers", "openai", "vllm")}, type=str)
+Backend = enum.Enum("Backend", {name: name for name in ("transformers", "openai", "vllm", "openai-batch")}, type=str)
 Combine = enum.Enum("Combine", {name: name for name in ("weighted", "lexicographic")}, type=str)
 Method = enum.Enum("Method", {name: name for name in ("full", "lora")}, type=str)
 OutputFormat = enum.Enum("OutputFormat", {name: name for name in ("jsonl", "parquet")}, type=str)
@@ -340,20 +340,36 @@ def profile(
     limit: Optional[int] = typer.Option(None, help="use only the first N prompts"),
     batch_size: Optional[int] = typer.Option(None, help="prompts per generation batch (default 16)"),
     system_prompt: Optional[str] = typer.Option(None, help="system prompt (default: the chat template's)"),
+    template: Optional[str] = typer.Option(None, help="wrap each prompt: text with {prompt} in it, e.g. 'Continue "
+                                           "this text: {prompt}'"),
+    benchmark: list[str] = typer.Option([], "--benchmark", "-b", metavar="NAME=PATH", help="also score the model on a likelihood "
+                                        "benchmark, NAME=PATH as `datasteer probe` takes it; repeatable"),
+    probe_limit: Optional[int] = typer.Option(None, help="at most N items per --benchmark (a seeded sample)"),
     seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ) -> None:
     """Profile what a model writes on held-out prompts: every metric, per-prompt rows and a summary."""
     from datasteer.inheritance.config import ProfileConfig
     from datasteer.inheritance.profile import profile as run_profile
+    from datasteer.probes.config import parse_benchmark
 
-    data = _flags(model=model, prompts__path=prompts, prompts__limit=limit, metrics=metrics, label=label, k=k,
-                  sampling__temperature=temperature, sampling__top_p=top_p, sampling__max_new_tokens=max_new_tokens,
-                  toxicity=toxicity, batch_size=batch_size, system_prompt=system_prompt, seed=seed)
+    data = _flags(model=model, prompts__path=prompts, prompts__limit=limit, prompts__template=template,
+                  metrics=metrics, label=label, k=k, sampling__temperature=temperature, sampling__top_p=top_p,
+                  sampling__max_new_tokens=max_new_tokens, toxicity=toxicity, batch_size=batch_size,
+                  system_prompt=system_prompt, seed=seed, probe_limit=probe_limit,
+                  probes=dict(parse_benchmark(b) for b in benchmark) or None)
     cfg = _config(ProfileConfig, config, set_, data)
     result = run_profile(cfg, out, overwrite=overwrite, progress=not quiet)
     s = result.summary
     _print_stats(f"profile '{result.label}' of {result.model}: {s['samples']} samples (k={s['k']}, temperature "
                  f"{s['sampling']['temperature']}) -> {result.path}", result.metrics, "p5", "p95")
+    _say_probes(s.get("probes", {}))
+
+
+def _say_probes(summary: dict[str, Any]) -> None:
+    """One line per benchmark of a probe summary: its top-level numbers."""
+    for name, entry in summary.items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if isinstance(v, float))
+        say(f"{name}: {shown}")
 
 
 @app.command()
@@ -361,7 +377,7 @@ def probe(
     model: Optional[str] = typer.Argument(None, help="model spec: embedded:smollm2, a fine-tuned model/ directory, "
                                           "an HF id"),
     out: Path = OUT, config: Optional[str] = RECIPE, set_: list[str] = SET,
-    benchmark: list[str] = typer.Option([], "--benchmark", "-b", help="NAME=PATH (bbq, stereoset, crows_pairs, mcqa, "
+    benchmark: list[str] = typer.Option([], "--benchmark", "-b", metavar="NAME=PATH", help="NAME=PATH (bbq, stereoset, crows_pairs, mcqa, "
                                         "openbookqa, mmlu, lm_eval, ...; a local file/folder or hf:OWNER/NAME); "
                                         "repeatable"),
     limit: Optional[int] = typer.Option(None, help="at most N items per benchmark (a seeded sample)"),
@@ -376,9 +392,7 @@ def probe(
     data = _flags(model=model, benchmarks=benchmarks, limit=limit, batch_size=batch_size, seed=seed)
     cfg = _config(ProbeConfig, config, set_, data)
     result = run_probe(cfg, out, overwrite=overwrite, progress=not quiet)
-    for name, entry in result.summary.items():
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if isinstance(v, float))
-        say(f"{name}: {shown}")
+    _say_probes(result.summary)
     say(f"-> {result.run_dir}")
 
 

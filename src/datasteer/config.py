@@ -21,7 +21,10 @@ from datasteer.errors import ConfigError
 
 # Fields that change how fast or where work runs, never what it produces.
 # where and how fast work runs, never what it produces: left out of fingerprints (a run resumes with other values)
-OPERATIONAL_FIELDS = frozenset({"concurrency", "timeout_s", "max_retries", "device", "engine"})
+# fields that never change what a run produces: a run may resume with other values (rate limits and prices of
+# HTTP teachers pace and price requests; a batch's poll interval only changes when results are looked for)
+OPERATIONAL_FIELDS = frozenset({"concurrency", "timeout_s", "max_retries", "device", "engine", "rpm", "tpm",
+                                "prices", "poll_interval_s"})
 
 M = TypeVar("M", bound=BaseModel)
 

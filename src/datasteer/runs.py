@@ -223,12 +223,18 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _first_difference(old: Any, new: Any, where: str = "", same: Any = None) -> str | None:
+def _first_difference(old: Any, new: Any, where: str = "", same: Any = None, explicit: Any = None) -> str | None:
+    """The first place where `new` differs from `old`, or None. `explicit`: the new config's values that differ from
+    their defaults (the same nesting): a key the old manifest lacks is no difference when the new value is its
+    default, so a run made before a field existed resumes unless the field is set."""
     if same is not None and same(old, new):
         return None
     if isinstance(old, dict) and isinstance(new, dict):
         for key in list(old) + [k for k in new if k not in old]:
-            diff = _first_difference(old.get(key), new.get(key), f"{where}.{key}" if where else str(key), same)
+            sub = explicit.get(key, {}) if isinstance(explicit, dict) else None  # absent: all at default
+            if key not in old and isinstance(explicit, dict) and key not in explicit:
+                continue  # a field added since, at its default
+            diff = _first_difference(old.get(key), new.get(key), f"{where}.{key}" if where else str(key), same, sub)
             if diff:
                 return diff
         return None
@@ -236,7 +242,8 @@ def _first_difference(old: Any, new: Any, where: str = "", same: Any = None) -> 
         if len(old) != len(new):
             return f"{where}: {len(old)} entries -> {len(new)}"
         for i, (a, b) in enumerate(zip(old, new)):
-            diff = _first_difference(a, b, f"{where}[{i}]", same)
+            sub = explicit[i] if isinstance(explicit, list) and i < len(explicit) else None
+            diff = _first_difference(a, b, f"{where}[{i}]", same, sub)
             if diff:
                 return diff
         return None
@@ -494,7 +501,9 @@ class Run:
         if not distributed and launched():
             raise ConfigError(f"`{stage}` runs in one process: launch it without torchrun/accelerate (this is rank "
                               f"{rank()} of {world_size()}); see docs/scaling.md for the stages that run on several")
+        explicit = None
         if not isinstance(config, dict):
+            explicit = config.model_dump(mode="json", exclude_defaults=True)
             config = fingerprint(config)
         secrets.register_config(config)
         config, inputs = secrets.redact(config), secrets.redact(inputs)
@@ -516,12 +525,13 @@ class Run:
         if path.is_dir() and run.writes:
             run._take_lock()
         try:
-            return run._open_existing(stage, config, inputs, seed, overwrite)
+            return run._open_existing(stage, config, inputs, seed, overwrite, explicit)
         except BaseException:
             run.release()
             raise
 
-    def _open_existing(self, stage: str, config: Any, inputs: dict[str, Any], seed: int, overwrite: bool) -> Run:
+    def _open_existing(self, stage: str, config: Any, inputs: dict[str, Any], seed: int, overwrite: bool,
+                       explicit: Any = None) -> Run:
         path, manifest = self.path, self.manifest
         manifest_path = path / MANIFEST
         if manifest_path.exists():
@@ -544,7 +554,7 @@ class Run:
                 for key, a, b in (("stage", old.get("stage"), stage), ("seed", old.get("seed"), seed),
                                   ("config", _describes(old.get("config")), _describes(config)),
                                   ("inputs", _without_locations(old.get("inputs")), _without_locations(inputs))):
-                    diff = _first_difference(a, b, key, same)
+                    diff = _first_difference(a, b, key, same, explicit if key == "config" else None)
                     if diff:
                         break
                 if diff and not overwrite:

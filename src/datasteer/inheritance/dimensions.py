@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from datasteer.inheritance.compare import compare
+from datasteer.inheritance.compare import _fmt, compare
 from datasteer.inheritance.profile import PROBES, Profile
 from datasteer.probes.base import build_probe
 from datasteer.runs import derive_seed
@@ -160,3 +160,22 @@ def win_rate_dimension(summary: dict[str, Any]) -> Dimension:
 
 def profile_probe_dir(profile: Profile) -> Path:
     return profile.path / PROBES
+
+
+def _cell(d: Dimension) -> str:
+    if d.delta is None:
+        return f"{_fmt(d.value)} (n/a)"
+    ci = "" if d.low is None else f", [{_fmt(d.low)}, {_fmt(d.high)}]"
+    return f"{_fmt(d.value)} (Δ {d.delta:+.4g}{ci}): {d.verdict}"
+
+
+def markdown_table(dimensions: dict[str, list[Dimension]]) -> list[str]:
+    """The lines of a Markdown table: one row per dimension, the base's value, then each model's value with its
+    change, interval and verdict. `dimensions`: model label -> its Dimensions (the same ones for every label)."""
+    labels = list(dimensions)
+    head = ["group", "dimension", "base", *labels]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, d in enumerate(dimensions[labels[0]]):
+        cells = [d.group, d.name, _fmt(d.base)] + [_cell(dimensions[label][k]) for label in labels]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

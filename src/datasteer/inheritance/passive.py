@@ -33,10 +33,10 @@ from rich.console import Console
 from datasteer.engines import open_executor
 from datasteer.generation.runner import generate
 from datasteer.inheritance import plots
-from datasteer.inheritance.compare import _fmt
 from datasteer.inheritance.config import PairwiseConfig, PassiveConfig
 from datasteer.inheritance.dimensions import (
     Dimension,
+    markdown_table,
     probe_dimensions,
     text_dimensions,
     toxicity_dimensions,
@@ -182,13 +182,6 @@ def _dimensions(config: PassiveConfig, out: Path, name: str, profiles: dict[str,
     return dims
 
 
-def _cell(d: Dimension) -> str:
-    if d.delta is None:
-        return f"{_fmt(d.value)} (n/a)"
-    ci = "" if d.low is None else f", [{_fmt(d.low)}, {_fmt(d.high)}]"
-    return f"{_fmt(d.value)} (Δ {d.delta:+.4g}{ci}): {d.verdict}"
-
-
 def _write_report(config: PassiveConfig, out: Path, profiles: dict[str, Profile], toxicity: dict[str, Profile],
                   dimensions: dict[str, list[Dimension]]) -> Path:
     students = list(dimensions)
@@ -230,12 +223,7 @@ def _write_report(config: PassiveConfig, out: Path, profiles: dict[str, Profile]
               "Each cell: the student's value (Δ against the base, 95% interval): verdict. Intervals are paired: over "
               "prompts for text and toxicity, a paired bootstrap over items for the probes, over pairs for the win "
               "rate; 'no change' = the interval contains 0.", ""]
-    head = ["group", "dimension", "base", *students]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    first = dimensions[students[0]]
-    for k, d in enumerate(first):
-        cells = [d.group, d.name, _fmt(d.base)] + [_cell(dimensions[s][k]) for s in students]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += markdown_table(dimensions)
     lines += ["", "## Plots", ""]
     lines += [f"![{title}]({PLOTS_DIR}/{path.name})\n" for title, path in figures]
     lines += ["## Reproduce", "", "Every stage is a run directory with its own `manifest.json`; rerunning the same "

@@ -14,6 +14,7 @@ from datasteer.inheritance.compare import (
     per_prompt_means,
 )
 from datasteer.inheritance.config import parse_objective
+from datasteer.inheritance.dimensions import markdown_table, probe_dimensions, profile_probe_dir
 from datasteer.inheritance.profile import Profile
 from datasteer.runs import atomic_write_text
 
@@ -87,6 +88,7 @@ def write_inherit_report(config: Any, out: Path, profiles: list[Profile], compar
         lines += [f"Toxicity ({r.metric}): " + "; ".join(
             f"{lab}: EMT {_fmt(t['expected_maximum_toxicity'])}, TP {_fmt(t['toxicity_probability'])}"
             for lab, t in zip(comparison.labels, r.extra["toxicity"])), ""]
+    lines += _probe_lines(config, profiles)
     lines += ["## Plots", ""]
     lines += [f"![{title}]({PLOTS_DIR}/{path.name})\n" for title, path in figures]
     lines += _training_lines(trainings)
@@ -96,6 +98,17 @@ def write_inherit_report(config: Any, out: Path, profiles: list[Profile], compar
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _probe_lines(config: Any, profiles: list[Profile]) -> list[str]:
+    """The likelihood probes of every profile (`profile.probes`), each arm against the base."""
+    if not config.profile.probes or profiles[0].label != "base":
+        return []
+    base = profiles[0]
+    dims = {p.label: probe_dimensions(profile_probe_dir(base), profile_probe_dir(p), config.profile.probes, 1000,
+                                      config.seed) for p in profiles[1:]}
+    return ["## Likelihood probes", "", "Each arm against the base: a paired bootstrap over items (1000 draws); "
+            "'no change' = the 95% interval contains 0.", "", *markdown_table(dims), ""]
 
 
 def _figures(out: Path, profiles: list[Profile], comparison: Comparison, objectives: list[tuple[str, str]],
