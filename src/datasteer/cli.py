@@ -22,7 +22,7 @@ from datasteer.errors import ConfigError, DatasteerError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Steer language models through the synthetic data they are trained on.")
-demo_app = typer.Typer(help="Demos sized for a CPU: the embedded SmolLM2 (inherit) and tiny models (dpg).",
+demo_app = typer.Typer(help="Demos sized for a CPU: the embedded SmolLM2 (inherit, passive) and tiny models (dpg).",
                        no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 
@@ -524,6 +524,15 @@ def demo_inherit(
 ) -> None:
     """The CPU demo of active inheritance (recipe demo-inherit) on the embedded SmolLM2."""
     run_inherit("demo-inherit", out, set_, overwrite, quiet, _engine(engine, workers, ray_address))
+
+
+@demo_app.command("passive")
+def demo_passive(
+    out: Path = typer.Option(Path("runs/demo-passive"), "--out", "-o", help="run directory"),
+    set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+) -> None:
+    """The CPU study of passive inheritance (recipe demo-passive): the embedded SmolLM2 as two teachers."""
+    passive_command("demo-passive", out, set_, overwrite, quiet, None, None, None)
 
 
 @demo_app.command("dpg")
