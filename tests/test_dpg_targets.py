@@ -152,3 +152,88 @@ def test_custom_target_and_targets_as_metagradient_metrics():
         fd.append((values[0] - values[1]) / (2 * h))
     fd = torch.tensor(fd, dtype=torch.float64)
     assert float((result.scores - fd).abs().max() / fd.abs().max()) < 1e-6
+
+
+def test_qr_error_level_and_mask_choose_the_code():
+    assert qr("https://arxiv.org/abs/2604.08423").shape == (25, 25)  # 32 bytes: version 2 even at level L
+    assert qr("bit.ly/3Ka4jDS", "M").shape == (21, 21)  # 14 bytes fit version 1 at M
+    assert not torch.equal(qr("bit.ly/3Ka4jDS", "M", mask=1), qr("bit.ly/3Ka4jDS", "M", mask=2))
+    assert torch.equal(qr("bit.ly/3Ka4jDS", "M"), qr("bit.ly/3Ka4jDS", "M", mask=1))  # segno's choice here
+    with pytest.raises(InputError, match="too long"):
+        qr("bit.ly/3Ka4jDS-x", "M", version=1)
+
+
+def test_pattern_sign_and_layout_options():
+    from datasteer.dpg.targets import LMHeadPatternSpec
+
+    bitmap = ["##.", "...", "#.."]
+    plain = LMHeadPatternSpec(model="tiny:gpt2", pattern={"bitmap": bitmap})
+    theirs = LMHeadPatternSpec(model="tiny:gpt2", pattern={"bitmap": bitmap}, ink=-1, transpose=True)
+    image = from_rows(bitmap)
+    assert torch.equal(plain.signs(), image) and torch.equal(theirs.signs(), -image.T)
+    for spec in (plain, theirs):
+        assert torch.equal(spec.image(spec.signs()), image)  # the report's image reads as the pattern
+    model = tiny_gpt2()
+    target = lm_head_pattern(model, theirs.signs(), token_ids=[3, 4, 5], dims=[0, 1, 2])
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    # the weights that fall on ink score: image row r, column c is hidden dim r of token row c
+    params[target.param][4, 0] -= 0.1   # image (0, 1): ink
+    params[target.param][5, 0] += 0.1   # image (0, 2): background
+    assert target.readout(model, params)["pixel_accuracy"] == pytest.approx(2 / 9)
+    with pytest.raises(ValueError, match="exactly one of glyph, qr, file, bitmap"):
+        LMHeadPatternSpec(model="tiny:gpt2", pattern={"bitmap": bitmap, "glyph": "6"})
+
+
+def test_the_report_decodes_the_final_lm_head_image_and_shows_where_decoding_stops(tmp_path):
+    """The QR recipe's code drawn as the report draws LM-head images decodes to its payload; flipped pixels in the
+    data region are corrected up to the code's capacity (level M, version 1: 4 codewords) and stop decoding soon
+    after; a flip in a finder pattern can stop it alone."""
+    pytest.importorskip("cv2")
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from datasteer.dpg.config import DPGConfig
+    from datasteer.dpg.report import decode_qr, qr_picture, qr_section
+    from datasteer.recipes import recipe_config
+
+    spec = recipe_config(DPGConfig, "gpu-paper-qr").target
+    image = spec.pattern.render().numpy()
+    picture = qr_picture(image)
+    assert picture.shape == (29 * 8, 29 * 8) and set(np.unique(picture)) == {0, 255}
+    assert picture[4 * 8, 4 * 8] == 0  # the top-left finder's corner module is dark: ink is drawn dark
+    assert decode_qr(image) == "bit.ly/3Ka4jDS"
+    assert decode_qr(-image) is None  # the same code in the opposite sign is not read
+
+    function = np.zeros((21, 21), bool)  # finders with separators and format bits, timing patterns
+    function[:9, :9] = function[:9, 13:] = function[13:, :9] = True
+    function[6, :] = function[:, 6] = True
+    data = np.flatnonzero(~function)
+    assert len(data) == 26 * 8  # version 1: 26 codewords
+    rng = np.random.default_rng(0)
+    decoded = {}
+    for flips in (0, 2, 4, 8, 16):
+        hits = 0
+        for _ in range(20):
+            noisy = image.copy()
+            noisy.flat[rng.choice(data, flips, replace=False)] *= -1
+            hits += decode_qr(noisy) == "bit.ly/3Ka4jDS"
+        decoded[flips] = hits
+    assert decoded[0] == decoded[2] == decoded[4] == 20  # at most 4 codewords hit: always corrected
+    assert decoded[8] <= 5 and decoded[16] == 0
+    corner = image.copy()
+    corner[3, 3] *= -1
+    corner[3, 17] *= -1
+    corner[17, 3] *= -1  # one module in each finder's centre
+    assert decode_qr(corner) is None
+
+    # the report's section: the final slice of each arm, in the target's layout and sign
+    final = spec.signs().numpy() * 0.01
+    final[0, 10] *= -1  # one wrong pixel still decodes
+    arms = [SimpleNamespace(arm="dpg", slices=[{"step": 0, "delta": (-final).tolist()},
+                                                {"step": 768, "delta": final.tolist()}]),
+            SimpleNamespace(arm="naive", slices=[{"step": 768, "delta": (-final).tolist()}])]
+    lines, summary = qr_section(spec, arms)
+    assert summary["dpg"] == {"step": 768, "decoded": "bit.ly/3Ka4jDS", "matches": True, "wrong_pixels": 1}
+    assert summary["naive"]["decoded"] is None and summary["naive"]["wrong_pixels"] == 440
+    assert any("dpg, step 768: 1 of 441 pixels wrong; decoded 'bit.ly/3Ka4jDS' (the payload)" in x for x in lines)

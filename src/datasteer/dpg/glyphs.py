@@ -1,8 +1,9 @@
 """Binary patterns for LM-head targets: glyph strings in built-in bitmap fonts, QR codes, or text files.
 
-A pattern is a {-1, +1} matrix (+1 = ink). Rows map to token ids of the LM head, columns to hidden
-dimensions. `glyph("67")` with the compact digit font is the paper's 7 x 6 "67" (7 rows tall, 6 wide);
-`qr(payload)` is a QR code's module matrix without its quiet zone (21 x 21 for version 1).
+A pattern is a {-1, +1} matrix (+1 = ink: glyph strokes, dark QR modules, '#'). By default its rows map to token
+ids of the LM head and its columns to hidden dimensions, and the slice's weights rise on ink (the `lm_head_pattern`
+target's `transpose` and `ink` say otherwise). `glyph("67")` with the compact digit font is datasteer's 7 x 6 "67"
+(7 rows tall, 6 wide); `qr(payload)` is a QR code's module matrix without its quiet zone (21 x 21 for version 1).
 """
 
 from __future__ import annotations
@@ -105,14 +106,19 @@ def glyph(text: str, font: str = "auto") -> torch.Tensor:
     return from_rows(rows, f"glyph '{text}'")
 
 
-def qr(payload: str, error: str = "L", version: int | None = None) -> torch.Tensor:
-    """The QR code of `payload` as a module matrix without quiet zone (segno): 21 x 21 for version 1."""
+def qr(payload: str, error: str = "L", version: int | None = None, mask: int | None = None) -> torch.Tensor:
+    """The QR code of `payload` as a module matrix without quiet zone (segno): 21 x 21 for version 1.
+
+    `error` is the error-correction level (L, M, Q, H: about 7, 15, 25, 30% of the codewords recoverable), kept as
+    given (segno does not raise it); the version is the smallest that holds the payload at that level unless given;
+    `mask` (0-7) is segno's choice (the lowest penalty score) unless given. Version 1 holds 17 bytes at L, 14 at M.
+    """
     try:
         import segno
     except ImportError:
         raise MissingDependencyError("QR-code targets", "pip install 'datasteer[train]'") from None
     try:
-        code = segno.make(payload, error=error, version=version, micro=False, boost_error=False)
+        code = segno.make(payload, error=error, version=version, mask=mask, micro=False, boost_error=False)
     except segno.DataOverflowError as err:
         raise InputError(f"QR payload too long for version {version}: {err}") from None
     return torch.tensor([[1.0 if cell else -1.0 for cell in row] for row in code.matrix])

@@ -1,8 +1,10 @@
 """Plots and the markdown report of a DPG run: curves against examples seen, the LM-head slice next to its
-pattern (a strip and an animated GIF), and a headline per arm.
+pattern (a strip and an animated GIF), a headline per arm, and for a QR-code pattern the final LM-head image
+decoded back to its payload (OpenCV).
 
 What to show comes from the target's declaration (`config.target.readout`: its readout key, which way is better,
-the thresholds to count examples to), never from the keys found in the metrics."""
+the thresholds to count examples to), never from the keys found in the metrics. LM-head images are drawn in the
+pattern's own layout and sign (`LMHeadPatternSpec.image`): ink is dark whichever way the target writes it."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 from datasteer.dpg.config import DPGConfig
 from datasteer.dpg.targets import LMHeadPatternSpec, Readout
+from datasteer.errors import MissingDependencyError, optional_import
 from datasteer.plotting import pyplot
 from datasteer.runs import atomic_write_text
 
@@ -73,11 +76,69 @@ def _snapshots(slices: list[dict[str, Any]], count: int = 6) -> list[dict[str, A
     return [slices[i] for i in picks]
 
 
-def lm_head_strip(arms: list[Any], pattern: list[list[float]], path: Path) -> Path:
+def slice_images(spec: LMHeadPatternSpec, arm: Any) -> list[tuple[int, Any]]:
+    """(step, sign of the slice's change in the pattern's layout and sign: +1 = ink) at each validation of `arm`."""
+    import numpy as np
+
+    return [(shot["step"], np.sign(spec.image(np.asarray(shot["delta"], dtype=float)))) for shot in arm.slices]
+
+
+def image_pixels(image: Any) -> Any:
+    """An image of signs as grey levels, as the GIF draws it: ink (+1) black, background (-1) white, 0 grey."""
+    import numpy as np
+
+    return np.where(image > 0, 0, np.where(image < 0, 255, 160)).astype(np.uint8)
+
+
+def qr_picture(image: Any, scale: int = 8, quiet: int = 4) -> Any:
+    """An LM-head image as a QR reader wants it: `image_pixels`, a quiet zone of `quiet` white modules around it,
+    `scale` pixels per module."""
+    import numpy as np
+
+    pixels = np.pad(image_pixels(np.asarray(image)), quiet, constant_values=255)
+    return np.kron(pixels, np.ones((scale, scale), dtype=np.uint8))
+
+
+def decode_qr(image: Any) -> str | None:
+    """The payload OpenCV's QRCodeDetector reads from an LM-head image (+1 = dark module), or None when it finds or
+    decodes no code. Needs opencv (`pip install 'datasteer[qr]'`)."""
+    cv2 = optional_import("cv2", "decoding the QR code of an LM-head image", "pip install 'datasteer[qr]'")
+    text, _, _ = cv2.QRCodeDetector().detectAndDecode(qr_picture(image))
+    return text or None
+
+
+def qr_section(spec: LMHeadPatternSpec, arms: list[Any]) -> tuple[list[str], dict[str, Any]]:
+    """The report's lines on a QR-code pattern: each arm's final LM-head image decoded back to its payload."""
+    payload = spec.pattern.qr
+    pattern = spec.pattern.render().numpy()
+    lines = ["## QR code", "", f"The pattern is the QR code of `{payload}` ({pattern.shape[0]} x {pattern.shape[1]}, "
+             f"error level {spec.pattern.qr_error}). Each arm's final LM-head image (the sign of the slice's change "
+             "at its last validation, ink dark) read by OpenCV's QRCodeDetector:", ""]
+    decoded: dict[str, Any] = {}
+    for arm in arms:
+        images = slice_images(spec, arm)
+        if not images:
+            continue
+        step, image = images[-1]
+        wrong = int((image != pattern).sum())
+        try:
+            text = decode_qr(image)
+        except MissingDependencyError as err:
+            lines.append(f"- {arm.arm}: not decoded ({err})")
+            continue
+        decoded[arm.arm] = {"step": step, "decoded": text, "matches": text == payload, "wrong_pixels": wrong}
+        verdict = ("the payload" if text == payload else "no code found" if text is None else "another text")
+        lines.append(f"- {arm.arm}, step {step}: {wrong} of {pattern.size} pixels wrong; decoded "
+                     f"{text!r} ({verdict})")
+    return lines, decoded
+
+
+def lm_head_strip(arms: list[Any], spec: LMHeadPatternSpec, path: Path) -> Path:
     """The pattern, then sign(P - P0) of the validation target's slice at chosen steps, one row per arm."""
     plt = pyplot()
     import numpy as np
 
+    pattern = spec.pattern.render().numpy()
     with_slices = [a for a in arms if a.slices]
     cols = 1 + max(len(_snapshots(a.slices)) for a in with_slices)
     fig, axes = plt.subplots(len(with_slices), cols, figsize=(1.5 * cols, 2.3 * len(with_slices)), squeeze=False)
@@ -86,14 +147,14 @@ def lm_head_strip(arms: list[Any], pattern: list[list[float]], path: Path) -> Pa
         axes[r][0].imshow(-target, cmap="gray", vmin=-1, vmax=1)
         axes[r][0].set_title("pattern", fontsize=8)
         axes[r][0].set_ylabel(arm.arm)
-        shots = _snapshots(arm.slices)
+        shots = _snapshots(slice_images(spec, arm))
         for c in range(1, cols):
             ax = axes[r][c]
             if c - 1 < len(shots):
-                delta = np.sign(np.asarray(shots[c - 1]["delta"]))
+                step, delta = shots[c - 1]
                 accuracy = float((delta == target).mean())
                 ax.imshow(-delta, cmap="gray", vmin=-1, vmax=1)
-                ax.set_title(f"step {shots[c - 1]['step']}\n{accuracy:.0%}", fontsize=8)
+                ax.set_title(f"step {step}\n{accuracy:.0%}", fontsize=8)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -104,22 +165,20 @@ def lm_head_strip(arms: list[Any], pattern: list[list[float]], path: Path) -> Pa
     return path
 
 
-def lm_head_gif(arm: Any, pattern: list[list[float]], path: Path, scale: int = 24) -> Path:
+def lm_head_gif(arm: Any, spec: LMHeadPatternSpec, path: Path, scale: int = 24) -> Path:
     """Animated GIF: pattern (left) and the slice's sign(P - P0) (right) at every validation."""
     import numpy as np
     from PIL import Image, ImageDraw
 
-    target = np.asarray(pattern)
+    target = spec.pattern.render().numpy()
     frames = []
-    for shot in arm.slices:
-        delta = np.sign(np.asarray(shot["delta"]))
+    for step, delta in slice_images(spec, arm):
         both = np.concatenate([target, np.zeros((target.shape[0], 1)), delta], axis=1)
-        pixels = np.where(both > 0, 0, np.where(both < 0, 255, 160)).astype(np.uint8)
+        pixels = image_pixels(both)
         image = Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
         canvas = Image.new("L", (image.width, image.height + 18), 255)
         canvas.paste(image, (0, 18))
-        ImageDraw.Draw(canvas).text((2, 2), f"{arm.arm} step {shot['step']}: {(delta == target).mean():.0%}",
-                                    fill=0)
+        ImageDraw.Draw(canvas).text((2, 2), f"{arm.arm} step {step}: {(delta == target).mean():.0%}", fill=0)
         frames.append(canvas)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=400, loop=0)
     return path
@@ -170,6 +229,14 @@ def headline_table(summary: dict[str, Any], readout: Readout) -> list[str]:
     return lines
 
 
+def policy_steps(grpo: Any) -> str:
+    """'N policy steps', and the generator updates they take when a batch of rollouts makes several."""
+    block = grpo.steps_per_generation * grpo.num_iterations
+    if block == 1:
+        return f"{grpo.max_steps} policy steps"
+    return f"{grpo.max_steps // block} policy steps ({grpo.max_steps} generator updates, {block} per batch)"
+
+
 def write_dpg_report(config: DPGConfig, out: Path, arms: list[Any]) -> tuple[Path, dict[str, Any]]:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -177,15 +244,18 @@ def write_dpg_report(config: DPGConfig, out: Path, arms: list[Any]) -> tuple[Pat
     summary = summarise(arms, readout)
     grpo, training = config.grpo, config.training
     images = [curves(arms, readout, plots / "curves.png")]
-    if isinstance(config.target, LMHeadPatternSpec) and any(a.slices for a in arms):
-        pattern = config.target.pattern.render().tolist()
-        images.append(lm_head_strip(arms, pattern, plots / "lm_head.png"))
+    qr_lines: list[str] = []
+    spec = config.target
+    if isinstance(spec, LMHeadPatternSpec) and any(a.slices for a in arms):
+        images.append(lm_head_strip(arms, spec, plots / "lm_head.png"))
         for arm in arms:
             if arm.slices:
-                images.append(lm_head_gif(arm, pattern, plots / f"lm_head-{arm.arm}.gif"))
+                images.append(lm_head_gif(arm, spec, plots / f"lm_head-{arm.arm}.gif"))
+        if spec.pattern.qr is not None:
+            qr_lines, summary["qr"] = qr_section(spec, arms)
     lines = [f"# DPG: {config.name}", "", config.description.strip(), "",
              f"Generator `{config.generator.model}`, target `{config.target.model}`, target kind "
-             f"`{config.target.kind}`; {grpo.max_steps} policy steps of {grpo.prompts_per_step} prompts x "
+             f"`{config.target.kind}`; {policy_steps(grpo)} of {grpo.prompts_per_step} prompts x "
              f"{grpo.num_generations} rollouts; the target is fine-tuned with {training.optimizer} "
              f"(lr {training.learning_rate}, batches of {training.batch_size}) from its initial weights at every "
              "step.", "",
@@ -193,6 +263,7 @@ def write_dpg_report(config: DPGConfig, out: Path, arms: list[Any]) -> tuple[Pat
              "(step 0 = the untrained generator, i.e. data nobody steered; the untrained target = before any "
              "fine-tuning).", "", "## Headline", ""]
     lines += headline_table(summary, readout)
+    lines += [""] + qr_lines if qr_lines else []
     lines += ["", "## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in images]
     lines += ["", "## Files", "", "Per arm: `metrics.jsonl` (every step), `slices.jsonl` (LM-head slices at "

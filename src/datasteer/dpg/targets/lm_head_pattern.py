@@ -1,7 +1,10 @@
 """`lm_head_pattern`: write a +-1 pattern into a slice of the target's LM head.
 
 Phi = -mean softplus(-beta * S * (P - P0)) on a slice P of the LM head (rows = token ids, columns = hidden
-dimensions), S in {-1, +1}; readout = pixel accuracy of sign(P - P0) against S.
+dimensions), S in {-1, +1}; readout = pixel accuracy of sign(P - P0) against S. S is the pattern's image (+1 = ink),
+transposed with `transpose` (the image's rows are then hidden dims, as in the DPG authors' [hidden, vocabulary]
+kernel) and negated with `ink: -1` (ink is where the weights fall, the authors' sign for their "67" strokes and
+dark QR modules); `image` maps a slice back to the image's layout and sign, so that ink is +1 there again.
 """
 
 from __future__ import annotations
@@ -22,26 +25,33 @@ from datasteer.metagrad.metrics import Target
 
 
 class PatternSpec(StrictModel):
-    """Where the +-1 pattern comes from: exactly one of glyph, qr, file."""
+    """Where the +-1 pattern comes from: exactly one of glyph, qr, file, bitmap."""
 
     glyph: str | None = Field(None, description="text rendered with a built-in bitmap font ('67' is 7 x 6)")
     font: Literal["auto", "3x7", "5x7"] = "auto"
-    qr: str | None = Field(None, description="payload of a QR code (version 1 is 21 x 21)")
+    qr: str | None = Field(None, description="payload of a QR code (version 1 is 21 x 21: up to 17 bytes at error "
+                           "level L, 14 at M)")
+    qr_error: Literal["L", "M", "Q", "H"] = Field("L", description="the QR code's error-correction level")
+    qr_mask: int | None = Field(None, ge=0, le=7, description="the QR code's mask pattern; default: segno's choice")
     file: str | None = Field(None, description="text file of '#' (+1) and '.' (-1) rows")
+    bitmap: list[str] | None = Field(None, description="the pattern written out: rows of '#' (+1) and '.' (-1)")
 
     @model_validator(mode="after")
     def _one_source(self) -> PatternSpec:
-        given = [k for k in ("glyph", "qr", "file") if getattr(self, k) is not None]
+        given = [k for k in ("glyph", "qr", "file", "bitmap") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"a pattern needs exactly one of glyph, qr, file (got {', '.join(given) or 'none'})")
+            raise ValueError(f"a pattern needs exactly one of glyph, qr, file, bitmap (got "
+                             f"{', '.join(given) or 'none'})")
         return self
 
     def render(self) -> Tensor:
-        """The pattern S, {-1, +1}, [rows, cols]."""
+        """The pattern's image, {-1, +1} (+1 = ink), [rows, cols]."""
         if self.glyph is not None:
             return glyphs.glyph(self.glyph, self.font)
         if self.qr is not None:
-            return glyphs.qr(self.qr)
+            return glyphs.qr(self.qr, self.qr_error, mask=self.qr_mask)
+        if self.bitmap is not None:
+            return glyphs.from_rows(self.bitmap, "pattern.bitmap")
         return glyphs.from_file(self.file)
 
 
@@ -52,14 +62,30 @@ class LMHeadPatternSpec(TargetSpecBase):
     token_ids: list[int] | None = Field(None, description="rows of the LM head; default: writable characters")
     dims: list[int] | None = Field(None, description="columns (hidden dims); default: 0..cols-1")
     param: str | None = Field(None, description="parameter name; default: the LM head")
+    transpose: bool = Field(False, description="the image's rows are hidden dims and its columns token ids (the "
+                            "DPG authors' layout, whose LM-head kernel is hidden x vocabulary); default: rows are "
+                            "token ids")
+    ink: Literal[1, -1] = Field(1, description="the sign of S on ink (glyph strokes, dark QR modules, '#'): +1, the "
+                                "weights rise there; -1, they fall (the DPG authors' sign)")
 
     readout = Readout("pixel_accuracy", thresholds=(0.90, 0.95), untrained=False)
 
     def check(self) -> None:
         self.pattern.render()
 
+    def signs(self) -> Tensor:
+        """S in the slice's layout ([token ids, hidden dims]): the image, transposed and signed as configured."""
+        image = self.pattern.render()
+        return self.ink * (image.T.contiguous() if self.transpose else image)
+
+    def image(self, values: Any) -> Any:
+        """A slice's values ([token ids, hidden dims], a tensor or an array) in the image's layout and sign: ink
+        is +1 again, so that sign(image(P - P0)) reads as the pattern."""
+        values = values.T if self.transpose else values
+        return values * self.ink
+
     def build(self, model: torch.nn.Module, tokenizer: Any) -> LMHeadPattern:
-        return lm_head_pattern(model, self.pattern.render(), tokenizer, token_ids=self.token_ids, dims=self.dims,
+        return lm_head_pattern(model, self.signs(), tokenizer, token_ids=self.token_ids, dims=self.dims,
                                beta=self.beta, param=self.param)
 
 
