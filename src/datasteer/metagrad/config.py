@@ -64,6 +64,10 @@ class TrainingConfig(BaseModel):
     loss_normalization: Literal["trained_tokens", "max_length"] = Field(
         "trained_tokens", description="loss_i = summed token cross-entropy of example i divided by its number of "
         "trained tokens (trained_tokens) or by max_length (the DPG authors' full sequence length)")
+    loss_chunk: int | None = Field(
+        None, ge=1, description="tokens per chunk of the cross-entropy: the loss and both of its backward passes "
+        "recompute the logits this many tokens at a time from the last hidden states and the (linear) LM head, so "
+        "the memory floor of a reverse step no longer grows with batch x length x vocabulary; default: whole logits")
     epochs: int = Field(1, ge=1)
     shuffle: bool = True
     seed: int = 0

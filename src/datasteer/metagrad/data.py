@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from datasteer.errors import InputError
+from datasteer.metagrad.chunked import LinearHead, token_nll
 from datasteer.metagrad.config import TrainingConfig
 
 IGNORE = -100
@@ -111,24 +112,48 @@ def micro_batches(examples: list[Example], step_index: list[int], config: Traini
     return batches
 
 
+def _targets(batch: MicroBatch) -> Tensor:
+    """Position j predicts token j + 1: the labels shifted left, IGNORE at the last position."""
+    return torch.cat([batch.labels[:, 1:], torch.full_like(batch.labels[:, :1], IGNORE)], dim=1)
+
+
 def example_losses(model: torch.nn.Module, tensors: dict[str, Tensor], batch: MicroBatch,
-                   length: int | None = None) -> Tensor:
+                   length: int | None = None, chunk: int | None = None, head: LinearHead | None = None) -> Tensor:
     """[m] each example's summed next-token cross-entropy over its trained tokens divided by their number (the
     mean), or by `length` when given (the DPG authors' normalisation by the full sequence length), in the
     parameters' dtype.
 
-    Computed here rather than by the model's `labels=` path, which upcasts to float32.
+    Computed here rather than by the model's `labels=` path, which upcasts to float32. With `chunk` (and `head`,
+    `chunked.linear_head(model)`) the logits are never whole: the cross-entropy of the trained tokens is computed
+    from the backbone's last hidden states, `chunk` tokens of logits at a time in every pass (`chunked.token_nll`).
     """
+    if chunk is not None:
+        return _chunked_example_losses(head, tensors, batch, length, chunk)
     out = functional_call(model, tensors, args=(),
                           kwargs={"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                                   "use_cache": False})
     logits = out.logits
-    # position j predicts token j + 1: shift the labels, not the logits (slicing logits costs a full copy and a
-    # zero-filled gradient in each backward pass)
-    targets = torch.cat([batch.labels[:, 1:], torch.full_like(batch.labels[:, :1], IGNORE)], dim=1)
+    # shift the labels, not the logits (slicing logits costs a full copy and a zero-filled gradient in each
+    # backward pass)
+    targets = _targets(batch)
     trained = targets != IGNORE
     # cross-entropy as logsumexp - logit of the target: its second derivative is cheaper in autograd than that
     # of log_softmax's backward
     picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     token_nll = (torch.logsumexp(logits, dim=-1) - picked) * trained
     return token_nll.sum(dim=1) / (trained.sum(dim=1) if length is None else length)
+
+
+def _chunked_example_losses(head: LinearHead | None, tensors: dict[str, Tensor], batch: MicroBatch,
+                            length: int | None, chunk: int) -> Tensor:
+    if head is None:
+        raise ValueError("example_losses: `chunk` needs `head` (chunked.linear_head(model))")
+    hidden = head.hidden_states(tensors, batch.input_ids, batch.attention_mask)
+    targets = _targets(batch)
+    trained = targets != IGNORE
+    # only the trained positions reach the head: padding and prompts cost no logits
+    rows = trained.nonzero(as_tuple=True)[0]
+    weight, bias = head.weight_and_bias(tensors)
+    nll = token_nll(hidden[trained], weight, bias, targets[trained], chunk)
+    summed = torch.zeros(batch.input_ids.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return summed / (trained.sum(dim=1) if length is None else length)

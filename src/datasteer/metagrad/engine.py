@@ -40,6 +40,7 @@ from torch import Tensor
 from datasteer import distributed
 from datasteer.errors import ConfigError, InputError
 from datasteer.metagrad import checkpoint as ckpt
+from datasteer.metagrad.chunked import check_head, linear_head
 from datasteer.metagrad.config import TrainingConfig
 from datasteer.metagrad.data import (
     Example,
@@ -151,6 +152,11 @@ class Unroll:
                                               [denominators[i] for i in share]))
         # None: each example's loss is its mean over trained tokens; else divided by max_length (the DPG authors')
         self.loss_length = config.max_length if config.loss_normalization == "max_length" else None
+        # loss_chunk: the cross-entropy from the backbone's hidden states and the linear head, chunk by chunk
+        self.head = linear_head(model) if config.loss_chunk is not None else None
+        if self.head is not None:
+            check_head(model, self.head, self.tensors(self.initial), torch.tensor(self.examples[0].input_ids[:8],
+                                                                                  device=self.device))
         self.losses: dict[int, float] = {}
         self.label, self.hint = "the inner fine-tuning", "training.learning_rate"  # named in a divergence error
         weights = self.weights.detach().to("cpu", torch.float64).abs()
@@ -189,7 +195,8 @@ class Unroll:
         return self.weights[batch.index.to(self.device)] / batch.denominators
 
     def _losses(self, leaves: list[Tensor], batch: MicroBatch) -> Tensor:
-        return example_losses(self.model, self.tensors(leaves), batch, self.loss_length)
+        return example_losses(self.model, self.tensors(leaves), batch, self.loss_length, self.config.loss_chunk,
+                              self.head)
 
     def gradient(self, params: list[Tensor], t: int, record: bool = True) -> list[Tensor]:
         """g_t at `params`, accumulated over micro-batches (and ranks), no graph kept; logs the weighted batch loss
