@@ -41,6 +41,32 @@ SET = typer.Option([], "--set", metavar="KEY=VALUE", help="override a config val
                    "sampling.temperature=0.7); text fields keep the text as typed; repeatable")
 OVERWRITE = typer.Option(False, "--overwrite", help="discard an existing run in --out made with another config")
 QUIET = typer.Option(False, "--quiet", "-q", help="no progress output")
+LOG_JSON = typer.Option(False, "--log-json", help="for machines: stderr carries one JSON object per line and event "
+                        "(stage start/end, progress, warnings, errors, the closing summary); stdout keeps the result. "
+                        "Without it, progress is a bar on a terminal and plain periodic lines elsewhere (SLURM, CI, "
+                        "nohup)")
+
+
+def _log_mode(log_json: bool) -> None:
+    """How progress shows in this command: JSON events, or auto (a bar on a terminal, plain lines elsewhere)."""
+    from datasteer import progress
+
+    progress.configure("json" if log_json else "auto")
+
+
+def _summary(command: str, **fields: Any) -> None:
+    """The closing summary as a JSON event (--log-json); the human lines go to stdout as before. Main process only."""
+    from datasteer import progress
+    from datasteer.distributed import is_main_process
+
+    if is_main_process():
+        progress.emit("summary", command=command, **fields)
+
+
+def _console() -> Any:
+    from datasteer import progress
+
+    return progress.console()
 
 
 def say(text: str) -> None:
@@ -144,6 +170,14 @@ def generate(
                                               "(default 120)"),
     max_retries: Optional[int] = typer.Option(None, "--max-retries", help="openai backend: retries of a failed "
                                               "request, each shown on stderr (default 6)"),
+    rpm: Optional[float] = typer.Option(None, "--rpm", help="openai backend: requests per minute at most, paced "
+                                        "(default: no limit)"),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help="openai backend: tokens per minute at most, paced "
+                                        "(default: no limit)"),
+    input_price: Optional[float] = typer.Option(None, "--input-price", help="openai backends: price per million "
+                                                "prompt tokens (with --output-price: the run's cost is estimated)"),
+    output_price: Optional[float] = typer.Option(None, "--output-price", help="openai backends: price per million "
+                                                 "completion tokens"),
     prompt_field: Optional[str] = typer.Option(None, help="column with the prompt text (default prompt)"),
     id_field: Optional[str] = typer.Option(None, help="column with a stable prompt id (default prompt_id or id)"),
     split: Optional[str] = typer.Option(None, help="split, for hf:DATASET prompts (default train)"),
@@ -151,9 +185,10 @@ def generate(
     output_format: Optional[OutputFormat] = typer.Option(None, help="candidates file: jsonl (default) or parquet "
                                                          "(large runs)"),
     engine: Optional[Engine] = ENGINE, workers: Optional[int] = WORKERS, ray_address: Optional[str] = RAY_ADDRESS,
-    seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET, log_json: bool = LOG_JSON,
 ) -> None:
     """Generate k candidate answers per prompt from one or several teachers."""
+    _log_mode(log_json)
     from datasteer.config import deep_merge
     from datasteer.generation import generate as run_generate
     from datasteer.generation.config import GenerateConfig
@@ -162,7 +197,8 @@ def generate(
     per_teacher = _flags(backend=backend, k=k, sampling__temperature=temperature, sampling__top_p=top_p,
                          sampling__top_k=top_k, sampling__max_new_tokens=max_new_tokens, batch_size=batch_size,
                          system_prompt=system_prompt, base_url=base_url, api_key_env=api_key_env,
-                         concurrency=concurrency, timeout_s=timeout_s, max_retries=max_retries)
+                         concurrency=concurrency, timeout_s=timeout_s, max_retries=max_retries, rpm=rpm, tpm=tpm,
+                         prices__input=input_price, prices__output=output_price)
     data = _flags(prompts__path=prompts, prompts__prompt_field=prompt_field, prompts__id_field=id_field,
                   prompts__split=split, prompts__limit=limit, seed=seed, output_format=output_format,
                   **_engine(engine, workers, ray_address))
@@ -188,7 +224,12 @@ def generate(
     typer.echo(f"{result.rows} candidates ({sources}) in {result.candidates_path}"
                + (f"; {resumed} resumed from an earlier run" if resumed else "")
                + f"; {result.generated_tokens} new tokens at {result.tokens_per_second:.1f} tok/s"
-               + f" ({result.seconds:.1f}s in all, model loading included)")
+               + f" ({result.seconds:.1f}s in all, model loading included)"
+               + (f"; estimated cost {result.cost:.6g} (at the teachers' prices per million tokens)"
+                  if result.cost is not None else ""))
+    _summary("generate", rows=result.rows, resumed=resumed, per_source=result.per_source,
+             generated_tokens=result.generated_tokens, tokens_per_second=result.tokens_per_second,
+             seconds=result.seconds, usage=result.usage, cost=result.cost, output=str(result.candidates_path))
 
 
 @app.command()
@@ -206,9 +247,10 @@ def score(
     output_format: Optional[OutputFormat] = typer.Option(None, help="scored rows file: jsonl (default) or parquet "
                                                          "(large runs)"),
     engine: Optional[Engine] = ENGINE, workers: Optional[int] = WORKERS, ray_address: Optional[str] = RAY_ADDRESS,
-    overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    overwrite: bool = OVERWRITE, quiet: bool = QUIET, log_json: bool = LOG_JSON,
 ) -> None:
     """Add one column per metric to every row (length, MTLD, readability, toxicity, judge, custom)."""
+    _log_mode(log_json)
     from datasteer.metrics import score as run_score
     from datasteer.metrics.config import ScoreConfig
 
@@ -222,6 +264,7 @@ def score(
     cfg = _config(ScoreConfig, config, set_, data)
     result = run_score(cfg, out, overwrite=overwrite, progress=not quiet)
     _print_stats(f"{result.rows} rows scored -> {result.scored_path}", result.summary["metrics"], "min", "max")
+    _summary("score", rows=result.rows, metrics=result.summary["metrics"], output=str(result.scored_path))
     for name, s in result.summary["metrics"].items():
         if s["missing"]:
             typer.echo(f"note: {name} has no value for {s['missing']} of {result.rows} rows (kept as null; see the "
@@ -266,9 +309,10 @@ def select(
     seed: Optional[int] = typer.Option(None, help="seed of the random baseline (default 0)"),
     id_field: Optional[str] = typer.Option(None, help="column grouping a prompt's candidates (default prompt_id)"),
     text_field: Optional[str] = typer.Option(None, help="column with the candidate text (default completion)"),
-    overwrite: bool = OVERWRITE,
+    overwrite: bool = OVERWRITE, quiet: bool = QUIET, log_json: bool = LOG_JSON,
 ) -> None:
     """Keep one candidate per prompt: the best by the objectives, or a random one (the baseline)."""
+    _log_mode(log_json)
     from datasteer.inheritance.config import SelectConfig
     from datasteer.inheritance.select import select as run_select
 
@@ -285,6 +329,8 @@ def select(
         a, b = shift["candidates"], shift["selected"]
         if a.get("mean") is not None and b.get("mean") is not None:
             typer.echo(f"{column}: candidates mean {a['mean']:.4g} -> selected mean {b['mean']:.4g}")
+    _summary("select", selected=result.selected, prompts=s["prompts"], candidates=s["candidates"],
+             objectives=list(cfg.objectives), dropped=s["dropped_reasons"], output=str(result.selected_path))
 
 
 @app.command()
@@ -302,15 +348,20 @@ def finetune(
     max_length: Optional[int] = typer.Option(None, help="prompt + completion tokens (default 512)"),
     lora_r: Optional[int] = typer.Option(None, help="LoRA rank, lora.r (default 16)"),
     lora_alpha: Optional[float] = typer.Option(None, help="lora.lora_alpha (default 32)"),
-    seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    report_to: list[str] = typer.Option([], "--report-to", metavar="TRACKER", help="send the training metrics to a "
+                                        "tracker as TRL does: tensorboard, wandb, trackio, mlflow, ...; repeatable "
+                                        "(default none)"),
+    seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET, log_json: bool = LOG_JSON,
 ) -> None:
     """Fine-tune a student on selected rows (TRL SFT, full or LoRA); the merged model lands in OUT/model."""
+    _log_mode(log_json)
     from datasteer.inheritance.config import FinetuneConfig
     from datasteer.inheritance.finetune import finetune as run_finetune
 
     data = _flags(input=input, model=model, method=method, num_train_epochs=epochs, learning_rate=learning_rate,
                   per_device_train_batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation,
-                  max_length=max_length, lora__r=lora_r, lora__lora_alpha=lora_alpha, seed=seed)
+                  max_length=max_length, lora__r=lora_r, lora__lora_alpha=lora_alpha, seed=seed,
+                  report_to=report_to or None)
     if config is None and "input" not in data and not set_:
         raise ConfigError("give the rows to train on (e.g. runs/select/selected.jsonl) or --config RECIPE")
     cfg = _config(FinetuneConfig, config, set_, data)
@@ -320,6 +371,8 @@ def finetune(
     loss = "-" if result.final_loss is None else f"{result.final_loss:.4f}"
     say(f"fine-tuned {cfg.model} on {result.examples} examples, {result.steps} steps, final loss {loss}"
                f"{how} in {result.seconds:.1f}s -> {result.model_dir}")
+    _summary("finetune", examples=result.examples, steps=result.steps, final_loss=result.final_loss,
+             seconds=result.seconds, resumed_from=result.resumed_from, model=str(result.model_dir))
 
 
 @app.command()
@@ -342,12 +395,14 @@ def profile(
     system_prompt: Optional[str] = typer.Option(None, help="system prompt (default: the chat template's)"),
     template: Optional[str] = typer.Option(None, help="wrap each prompt: text with {prompt} in it, e.g. 'Continue "
                                            "this text: {prompt}'"),
-    benchmark: list[str] = typer.Option([], "--benchmark", "-b", metavar="NAME=PATH", help="also score the model on a likelihood "
-                                        "benchmark, NAME=PATH as `datasteer probe` takes it; repeatable"),
+    benchmark: list[str] = typer.Option([], "--benchmark", "-b", metavar="NAME=PATH",
+                                        help="also score the model on a likelihood benchmark, NAME=PATH as "
+                                        "`datasteer probe` takes it; repeatable"),
     probe_limit: Optional[int] = typer.Option(None, help="at most N items per --benchmark (a seeded sample)"),
-    seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET, log_json: bool = LOG_JSON,
 ) -> None:
     """Profile what a model writes on held-out prompts: every metric, per-prompt rows and a summary."""
+    _log_mode(log_json)
     from datasteer.inheritance.config import ProfileConfig
     from datasteer.inheritance.profile import profile as run_profile
     from datasteer.probes.config import parse_benchmark
@@ -363,6 +418,8 @@ def profile(
     _print_stats(f"profile '{result.label}' of {result.model}: {s['samples']} samples (k={s['k']}, temperature "
                  f"{s['sampling']['temperature']}) -> {result.path}", result.metrics, "p5", "p95")
     _say_probes(s.get("probes", {}))
+    _summary("profile", label=result.label, model=result.model, samples=s["samples"], metrics=result.metrics,
+             probes=s.get("probes", {}), output=str(result.path))
 
 
 def _say_probes(summary: dict[str, Any]) -> None:
@@ -377,14 +434,16 @@ def probe(
     model: Optional[str] = typer.Argument(None, help="model spec: embedded:smollm2, a fine-tuned model/ directory, "
                                           "an HF id"),
     out: Path = OUT, config: Optional[str] = RECIPE, set_: list[str] = SET,
-    benchmark: list[str] = typer.Option([], "--benchmark", "-b", metavar="NAME=PATH", help="NAME=PATH (bbq, stereoset, crows_pairs, mcqa, "
+    benchmark: list[str] = typer.Option([], "--benchmark", "-b", metavar="NAME=PATH",
+                                        help="NAME=PATH (bbq, stereoset, crows_pairs, mcqa, "
                                         "openbookqa, mmlu, lm_eval, ...; a local file/folder or hf:OWNER/NAME); "
                                         "repeatable"),
     limit: Optional[int] = typer.Option(None, help="at most N items per benchmark (a seeded sample)"),
     batch_size: Optional[int] = typer.Option(None, help="sequences per forward pass (default 16)"),
-    seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET, log_json: bool = LOG_JSON,
 ) -> None:
     """Score a model, without sampling, on likelihood benchmarks (social bias, calibration): rows and summary.json."""
+    _log_mode(log_json)
     from datasteer.probes import probe as run_probe
     from datasteer.probes.config import ProbeConfig, parse_benchmark
 
@@ -394,6 +453,7 @@ def probe(
     result = run_probe(cfg, out, overwrite=overwrite, progress=not quiet)
     _say_probes(result.summary)
     say(f"-> {result.run_dir}")
+    _summary("probe", benchmarks=result.summary, output=str(result.run_dir))
 
 
 @app.command("compare")
@@ -431,10 +491,11 @@ def run_inherit(recipe: str | Path, out: Path, overrides: list[str], overwrite: 
     from datasteer.inheritance.pipeline import inherit as run_pipeline
 
     result = run_pipeline(_config(InheritConfig, str(recipe), overrides, flags or {}), out, overwrite=overwrite,
-                          progress=not quiet)
+                          progress=not quiet, console=_console())
     typer.echo(f"report: {result.report}")
     for line in result.headline():
         typer.echo(line)
+    _summary("inherit", report=str(result.report), headline=result.headline())
 
 
 def run_dpg(recipe: str | Path, out: Path, overrides: list[str], overwrite: bool, quiet: bool) -> None:
@@ -442,10 +503,11 @@ def run_dpg(recipe: str | Path, out: Path, overrides: list[str], overwrite: bool
     from datasteer.dpg.trainer import dpg as run_training
 
     result = run_training(_config(DPGConfig, str(recipe), overrides, {}), out, overwrite=overwrite,
-                          progress=not quiet)
+                          progress=not quiet, console=_console())
     say(f"report: {result.report}")
     for line in result.headline():
         say(line)
+    _summary("dpg", report=str(result.report), headline=result.headline(), arms=result.summary.get("arms"))
 
 
 def _default_out(recipe: str) -> Path:
@@ -456,10 +518,11 @@ def _default_out(recipe: str) -> Path:
 def inherit(
     recipe: str = typer.Argument(..., help="YAML recipe or built-in name (`datasteer recipes`)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<recipe name>)"),
-    set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET, log_json: bool = LOG_JSON,
     engine: Optional[Engine] = ENGINE, workers: Optional[int] = WORKERS, ray_address: Optional[str] = RAY_ADDRESS,
 ) -> None:
     """Active inheritance end to end: generate, score, select (active and random), fine-tune, profile, report."""
+    _log_mode(log_json)
     run_inherit(recipe, out or _default_out(recipe), set_, overwrite, quiet, _engine(engine, workers, ray_address))
 
 
@@ -467,20 +530,24 @@ def inherit(
 def passive_command(
     recipe: str = typer.Argument(..., help="YAML recipe or built-in name (`datasteer recipes`), e.g. demo-passive"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<recipe name>)"),
-    set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET, log_json: bool = LOG_JSON,
     engine: Optional[Engine] = ENGINE, workers: Optional[int] = WORKERS, ray_address: Optional[str] = RAY_ADDRESS,
 ) -> None:
     """Passive inheritance: one student per teacher on random answers, every profile of base vs each student."""
+    _log_mode(log_json)
     from datasteer.inheritance.config import PassiveConfig
     from datasteer.inheritance.passive import passive as run_study
 
     cfg = _config(PassiveConfig, recipe, set_, _engine(engine, workers, ray_address))
-    result = run_study(cfg, out or _default_out(recipe), overwrite=overwrite, progress=not quiet)
+    result = run_study(cfg, out or _default_out(recipe), overwrite=overwrite, progress=not quiet,
+                       console=_console())
     say(f"report: {result.report}")
     for label, dims in result.changed().items():
         shown = "; ".join(f"{d.group}: {d.name} {d.delta:+.4g} [{d.low:.4g}, {d.high:.4g}]" for d in dims)
         say(f"{label}: {len(dims)} of {len(result.dimensions[label])} dimensions changed" + (f": {shown}"
                                                                                              if shown else ""))
+    _summary("passive", report=str(result.report),
+             changed={label: [f"{d.group}: {d.name}" for d in dims] for label, dims in result.changed().items()})
 
 
 @app.command()
@@ -490,9 +557,10 @@ def pairwise(
     out: Path = OUT, config: Optional[str] = RECIPE, set_: list[str] = SET,
     judge: Optional[str] = typer.Option(None, "--judge", help="the judge model spec (default embedded:smollm2)"),
     limit: Optional[int] = typer.Option(None, help="judge at most N pairs (a seeded sample)"),
-    seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    seed: Optional[int] = SEED, overwrite: bool = OVERWRITE, quiet: bool = QUIET, log_json: bool = LOG_JSON,
 ) -> None:
     """Judge two profiles' answers pairwise (both orders, ties): the second model's win rate with a 95% interval."""
+    _log_mode(log_json)
     from datasteer.inheritance.config import PairwiseConfig
     from datasteer.inheritance.preferences import pairwise as run_pairwise
 
@@ -504,25 +572,28 @@ def pairwise(
     say(f"{s['second']} vs {s['first']} judged by {s['judge']}: win rate {rate['mean']:.3f}{ci} over {s['pairs']} "
         f"pairs ({s['wins']} wins, {s['losses']} losses, ties {s['tie_rate']:.2f}; first-position rate "
         f"{s['first_position_rate']:.2f}) -> {result.run_dir}")
+    _summary("pairwise", **s, output=str(result.run_dir))
 
 
 @app.command("dpg")
 def dpg_command(
     recipe: str = typer.Argument(..., help="YAML recipe or built-in name (`datasteer recipes`)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<recipe name>)"),
-    set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET, log_json: bool = LOG_JSON,
 ) -> None:
     """Dataset Policy Gradient: train a generator so that fine-tuning a target on its data raises a metric."""
+    _log_mode(log_json)
     run_dpg(recipe, out or _default_out(recipe), set_, overwrite, quiet)
 
 
 @demo_app.command("inherit")
 def demo_inherit(
     out: Path = typer.Option(Path("runs/demo-inherit"), "--out", "-o", help="run directory"),
-    set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET, log_json: bool = LOG_JSON,
     engine: Optional[Engine] = ENGINE, workers: Optional[int] = WORKERS, ray_address: Optional[str] = RAY_ADDRESS,
 ) -> None:
     """The CPU demo of active inheritance (recipe demo-inherit) on the embedded SmolLM2."""
+    _log_mode(log_json)
     run_inherit("demo-inherit", out, set_, overwrite, quiet, _engine(engine, workers, ray_address))
 
 
@@ -539,9 +610,10 @@ def demo_passive(
 def demo_dpg(
     out: Path = typer.Option(Path("runs/demo-dpg"), "--out", "-o", help="run directory"),
     recipe: DemoDPG = typer.Option(DemoDPG("demo-dpg-67"), help="which demo recipe"),
-    set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    set_: list[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET, log_json: bool = LOG_JSON,
 ) -> None:
     """The CPU demo of DPG: write "67" into a tiny target's LM head, side by side with the naive baseline."""
+    _log_mode(log_json)
     run_dpg(recipe.value, out, set_, overwrite, quiet)
 
 
@@ -557,9 +629,10 @@ def attribute(
     metric: Optional[str] = typer.Option(None, help="custom metric package.module:function(model, params)"),
     column: Optional[str] = typer.Option(None, help="name of the score column (default metagrad)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT file (never the input)"),
-    quiet: bool = QUIET,
+    quiet: bool = QUIET, log_json: bool = LOG_JSON,
 ) -> None:
     """Score each row by its exact metagradient: d metric / d weight of the row in the target's fine-tuning."""
+    _log_mode(log_json)
     from datasteer.metagrad.attribute import AttributeConfig
     from datasteer.metagrad.attribute import attribute as run_attribute
 
@@ -569,6 +642,7 @@ def attribute(
     if not quiet:
         say(f"scored {result.rows} rows ({result.stats['steps']} training steps, {result.stats['strategy']} "
                    f"checkpoints) in {result.seconds:.1f}s; metric after training {result.value:.6g} -> {result.out}")
+    _summary("attribute", rows=result.rows, value=result.value, seconds=result.seconds, output=str(result.out))
 
 
 # ---------------------------------------------------------------- what is there
@@ -619,10 +693,15 @@ class _StderrWarnings(logging.Handler):
     """Library warnings (a teacher's retries, ...) as `datasteer: warning: ...` lines, credentials masked."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        from datasteer import progress
         from datasteer.secrets import redact_text
 
         try:
-            typer.echo(f"datasteer: warning: {redact_text(record.getMessage())}", err=True)
+            message = redact_text(record.getMessage())
+            if progress.mode() == "json":
+                progress.emit("warning", message=message)
+            else:
+                typer.echo(f"datasteer: warning: {message}", err=True)
         except Exception:  # noqa: BLE001 - a warning must never break the run
             self.handleError(record)
 
@@ -633,22 +712,36 @@ def _error_line(message: str) -> str:
     return "datasteer: error: " + " ".join(redact_text(message).split())
 
 
+def _say_error(message: str, exit_code: int) -> None:
+    """The one error line on stderr: `datasteer: error: ...`, or an `error` JSON event with --log-json."""
+    from datasteer import progress
+
+    line = _error_line(message)
+    if progress.mode() == "json":
+        progress.emit("error", message=line.removeprefix("datasteer: error: "), exit_code=exit_code)
+    else:
+        typer.echo(line, err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr and exit status 2, never a traceback; so are OS errors
     (a read-only folder, a full disk) that no stage turned into a DatasteerError. Credentials never reach stderr."""
+    from datasteer import progress
+
+    progress.configure("auto")  # a command with --log-json sets json; an earlier in-process call's choice is gone
     logger = logging.getLogger("datasteer")
     if not any(isinstance(h, _StderrWarnings) for h in logger.handlers):
         logger.addHandler(_StderrWarnings(logging.WARNING))
     try:
         app(args=argv, standalone_mode=False)
     except DatasteerError as err:
-        typer.echo(_error_line(str(err)), err=True)
+        _say_error(str(err), err.exit_code)
         sys.exit(err.exit_code)
     except OSError as err:  # last resort: every stage should raise an OutputError naming what it could not write
         where = err.filename if isinstance(err.filename, str) else ""
         reason = err.strerror or type(err).__name__
-        typer.echo(_error_line(f"{where + ': ' if where else ''}{reason}; check that path (permissions, free space, "
-                               "a file where a folder is needed) and rerun"), err=True)
+        _say_error(f"{where + ': ' if where else ''}{reason}; check that path (permissions, free space, a file "
+                   "where a folder is needed) and rerun", 2)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("datasteer: interrupted; finished batches are saved, rerun the same command to resume", err=True)

@@ -3,6 +3,9 @@
 - `LoraSpec`: peft's LoraConfig arguments, under peft's names, any other peft argument passed through;
 - `trl_arguments`: datasteer's settings plus a recipe's `trl:` section (any other TRL config argument,
   checked against the TRL config class before a model loads);
+- `check_report_to`, `trackers`, `tracker_folder`, `finish_trackers`: TRL's `report_to` (tensorboard, wandb,
+  trackio, mlflow, ...) checked before a model loads, TensorBoard's events kept in the run directory, one tracker
+  run per training;
 - `latest_checkpoint`, `checkpoint_world_size`, `progress_callback`, `quiet_trainer`: resume and progress the same
   way everywhere (a checkpoint counts once its `trainer_state.json`, the last file the Trainer writes, reads back);
 - `TrainingDivergedError`, `check_loss`, `check_parameters`, `divergence_callback`: a run whose loss, gradient
@@ -26,7 +29,7 @@ from pydantic import ConfigDict, Field
 
 from datasteer.config import StrictModel
 from datasteer.distributed import active, all_gather_objects
-from datasteer.errors import ConfigError, TrainingDivergedError
+from datasteer.errors import ConfigError, MissingDependencyError, TrainingDivergedError
 from datasteer.models import first_nonfinite
 
 
@@ -189,6 +192,69 @@ def whole_checkpoints(trainer: Any) -> None:
         trainer.accelerator.wait_for_everyone()
 
     trainer._save_rng_state = save_rng_then_wait
+
+
+# report_to names -> the module each tracker needs (transformers' integrations import them when training starts)
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",),
+                   "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "neptune": ("neptune",), "clearml": ("clearml",),
+                   "dvclive": ("dvclive",), "swanlab": ("swanlab",), "codecarbon": ("codecarbon",),
+                   "azure_ml": ("azureml",), "dagshub": ("dagshub",), "flyte": ("flytekit",)}
+TENSORBOARD_DIR = "tensorboard"
+
+
+def trackers(report_to: Any) -> list[str]:
+    """TRL's `report_to` as a list of tracker names ("none" and None: none; "all" stays "all")."""
+    if report_to is None:
+        return []
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    return [] if names in ([], ["none"]) else names
+
+
+def check_report_to(report_to: Any, section: str) -> None:
+    """Before any model loads: every tracker named is one transformers integrates and is installed."""
+    import importlib.util
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = trackers(report_to)
+    if "all" in names or "none" in names:
+        if len(names) > 1:
+            raise ConfigError(f"{section}: 'all' and 'none' stand alone; give them without other trackers")
+        return
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"{section}: unknown tracker '{name}'; use none, all or one of "
+                              f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        modules = TRACKER_MODULES.get(name, ())
+        if modules and not any(importlib.util.find_spec(m) is not None for m in modules):
+            extra = "datasteer[trackers]" if name in ("tensorboard", "wandb") else modules[0]
+            raise MissingDependencyError(f"{section}: the {name} tracker (package '{modules[0]}')",
+                                         f"pip install '{extra}'")
+
+
+def tracker_folder(trainer: Any, folder: Path) -> None:
+    """TensorBoard writes into `folder` (the run's own, kept after checkpoints are deleted) unless the user chose a
+    folder with TENSORBOARD_LOGGING_DIR; transformers' default is inside the Trainer's output_dir."""
+    import os
+
+    from transformers.integrations.integration_utils import TensorBoardCallback
+
+    if os.environ.get("TENSORBOARD_LOGGING_DIR"):
+        return
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(folder)
+
+
+def finish_trackers(args: Any) -> None:
+    """Close the wandb run a training opened: transformers leaves it open (for the user's own logging after
+    `train`), but datasteer trains several models in one process (inherit's two students, DPG's arms) and each
+    is a run of its own. The other trackers close their runs themselves at the end of training."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if "wandb" in (getattr(args, "report_to", None) or []) and wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def quiet_trainer(trainer: Any) -> None:

@@ -5,6 +5,10 @@
   step 0 holds the untrained target's readout and the untrained generator's validation.
 - `slices.jsonl`: the LM-head slice's change at every validation (pattern targets; written by the validator).
 
+Each row also reaches the trainer's own logger (`tracker_scalars`, logged by `grpo.step_callback`), so TensorBoard,
+wandb and every other tracker in `grpo.trl.report_to` see Phi, the readout, the raw rewards and the validation
+beside TRL's own metrics, at the same step.
+
 Rows are appended with fsync; a line cut by a crash ends the file as read, and a resumed run truncates both
 files to the checkpoint it restarts from.
 """
@@ -20,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from datasteer import progress
 from datasteer.dpg.config import GRPOSpec
 from datasteer.runs import atomic_write_text
 
@@ -86,14 +91,18 @@ class StepLogger:
         self.updates_per_batch = grpo.steps_per_generation * grpo.num_iterations
         self.started = time.perf_counter()
 
-    def on_train_begin(self, model: torch.nn.Module) -> None:
+    def on_train_begin(self, model: torch.nn.Module) -> dict[str, Any] | None:
+        """Step 0's row on a fresh run (None when resuming), for the trackers too."""
         if self.done_step == 0:  # the untrained generator: the baseline every curve starts from
             row = {"step": 0, "examples_seen": 0, "untrained": self.untrained()}
             row["validation"] = self.validate(0, model)
             if self.writes:
                 append_jsonl(self.path, row)
+            return row
+        return None
 
-    def on_step_end(self, step: int, model: torch.nn.Module) -> None:
+    def on_step_end(self, step: int, model: torch.nn.Module) -> dict[str, Any]:
+        """The step's row: written to metrics.jsonl, shown as progress, returned for the trackers."""
         # TRL takes steps_per_generation x num_iterations optimizer steps on each batch of rollouts
         batches = -(-step // self.updates_per_batch)
         row = {"step": step, "examples_seen": batches * self.batch, **self.records.latest()}
@@ -104,7 +113,35 @@ class StepLogger:
         if self.say is not None:
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(step - self.done_step, 1) * (self.grpo.max_steps - step)
-            self.say(progress_line(self.arm, step, self.grpo.max_steps, row, eta))
+            if progress.mode() == "json":
+                progress.emit("progress", stage=f"dpg-{self.arm}", done=step, total=self.grpo.max_steps,
+                              unit="steps", elapsed_s=round(elapsed, 3), eta_s=eta,
+                              metrics=tracker_scalars(row, prefix=""))
+            else:
+                self.say(progress_line(self.arm, step, self.grpo.max_steps, row, eta))
+        return row
+
+
+# keys of a metrics row that are not measurements: the x axis, and text
+NOT_SCALARS = frozenset({"step", "sample"})
+
+
+def tracker_scalars(row: dict[str, Any], prefix: str = "dpg/") -> dict[str, float]:
+    """A metrics row as flat `name: number` pairs for a tracker: nested records joined by '/' (`dpg/phi`,
+    `dpg/readout/accuracy`, `dpg/reward/mean`, `dpg/validation/phi`, `dpg/untrained/...`); text, flags and missing
+    values left out (trackers take numbers only)."""
+    out: dict[str, float] = {}
+
+    def walk(value: Any, name: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key not in NOT_SCALARS:
+                    walk(item, f"{name}/{key}" if name else str(key))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + name] = float(value)
+
+    walk(row, "")
+    return out
 
 
 def progress_line(arm: str, step: int, total: int, row: dict[str, Any], eta: float) -> str:

@@ -177,6 +177,10 @@ class FinetuneSettings(StrictModel):
     seed: int = Field(0, description="seed of the data order and initialisation of adapters")
     trl: dict[str, Any] = Field(default_factory=dict, description="any other trl.SFTConfig argument, passed "
                                 "through (e.g. {gradient_checkpointing: true, optim: adafactor})")
+    report_to: str | list[str] = Field("none", description="trackers that receive the training metrics, TRL's "
+                                       "report_to: none, all, or names such as tensorboard, wandb, trackio, mlflow "
+                                       "(each configured by its own environment variables; tensorboard writes into "
+                                       "the run's tensorboard/ folder)")
     keep_checkpoints: bool = Field(False, description="keep checkpoints after the merged model is saved")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="training dtype")
     device: str = Field("auto", description="auto, cpu, cuda, mps")

@@ -51,14 +51,18 @@ from datasteer.progress import track
 from datasteer.runs import Run, file_input
 from datasteer.training import (
     EXPLODED_LOSS,
+    TENSORBOARD_DIR,
     TrainingDivergedError,
     check_parameters,
+    check_report_to,
     check_trl_section,
     checkpoint_world_size,
     divergence_callback,
+    finish_trackers,
     latest_checkpoint,
     progress_callback,
     quiet_trainer,
+    tracker_folder,
     trl_arguments,
     whole_checkpoints,
 )
@@ -161,6 +165,7 @@ def check_finetune(config: FinetuneSettings, section: str = "") -> None:
     pass-through, the LoRA arguments. `section` prefixes the keys in messages (`finetune.` in an inherit recipe)."""
     optional_import("trl", "fine-tuning", "pip install 'datasteer[train]'")
     check_trl_section("SFTConfig", config.trl, f"{section}trl", SFT_OWNED)
+    check_report_to(config.report_to, f"{section}report_to")
     if config.method == "lora":
         optional_import("peft", "LoRA fine-tuning", "pip install 'datasteer[train]'")
         try:
@@ -207,7 +212,7 @@ def sft_arguments(config: FinetuneConfig, checkpoints: Path, examples: int, on_c
         save_strategy="steps",
         save_steps=config.save_steps or steps_per_epoch(examples, config, processes),
         save_total_limit=1,
-        report_to="none",
+        report_to=config.report_to,  # TRL's trackers; logging_steps=1 gives them every step
         disable_tqdm=True,
         use_cpu=on_cpu,
         max_length=None,  # tokenize_rows already cut to config.max_length
@@ -229,6 +234,8 @@ def sft_arguments(config: FinetuneConfig, checkpoints: Path, examples: int, on_c
         "ddp_find_unused_parameters": False,
         # processes other than the main one say only errors
         "log_level_replica": "error",
+        # trackers name the run after its directory (finetune-active, ...) rather than a timestamp
+        "run_name": checkpoints.parent.name,
     }
     return trl_arguments(SFTConfig, owned, {**{k: v for k, v in defaults.items() if k in known}, **extra}, "trl")
 
@@ -403,13 +410,17 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
                          processing_class=tokenizer, peft_config=peft_config)
     quiet_trainer(trainer)
     whole_checkpoints(trainer)
+    tracker_folder(trainer, run.path / TENSORBOARD_DIR)  # checkpoints/ goes when training ends; the events stay
     # train
     start = time.perf_counter()
     trainer.add_callback(divergence_callback("finetune", LR_HINT, EXPLODED_LOSS))
     try:
         with track("finetune", 1, enabled=progress and run.writes, unit="steps", tokens=False) as tracker:
             trainer.add_callback(progress_callback(tracker, "finetune"))
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            try:
+                trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            finally:
+                finish_trackers(trainer.args)
         # the callback checks every step's trainable weights; this also covers a resumed checkpoint with no step left
         check_parameters(trainer.model.named_parameters(), "finetune", trainer.state.global_step, LR_HINT,
                          across_ranks=True)
