@@ -66,3 +66,29 @@ def test_local_dataset_through_datasets(tmp_path):
     (data / "train.jsonl").write_text('{"prompt": "from datasets"}\n')
     prompts = read_prompts(PromptsConfig(path=f"hf:{data}"))
     assert [p.prompt for p in prompts] == ["from datasets"]
+
+
+def test_prompts_cut_to_max_chars_and_hub_subset_and_slice(tmp_path, monkeypatch):
+    """Long articles as prompts are cut at a word boundary before the template; a hub prompt set takes its config
+    name and, with a limit, only its first rows."""
+    import datasets
+
+    from datasteer.io import PromptsConfig, cut_text, read_prompts
+
+    assert cut_text("one two three", 9) == "one two" and cut_text("abcdefgh", 4) == "abcd"
+    assert cut_text("short", 10) == "short" and cut_text("x", None) == "x"
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"prompt": "alpha beta gamma delta"}) + "\n")
+    got = read_prompts(PromptsConfig(path=str(path), max_chars=12, template="Rephrase this article.\n\n{prompt}"))
+    assert got[0].prompt == "Rephrase this article.\n\nalpha beta"
+    seen = {}
+
+    def fake_load(name, subset=None, split=None):
+        seen.update(name=name, subset=subset, split=split)
+        return [{"text": f"article {i}"} for i in range(3)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    got = read_prompts(PromptsConfig(path="hf:wikimedia/wikipedia", subset="20231101.en", prompt_field="text",
+                                     limit=3))
+    assert seen == {"name": "wikimedia/wikipedia", "subset": "20231101.en", "split": "train[:3]"}
+    assert [p.prompt for p in got] == ["article 0", "article 1", "article 2"]

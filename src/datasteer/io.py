@@ -52,6 +52,10 @@ class PromptsConfig(StrictModel):
     id_field: str | None = Field(None, description="column holding a stable prompt id; default: 'prompt_id' or "
                                  "'id' when present, else the row number")
     split: str = Field("train", description="split, for hf:DATASET prompts")
+    subset: str | None = Field(None, description="the dataset's config name, for hf:DATASET prompts (e.g. "
+                               "20231101.en for wikimedia/wikipedia)")
+    max_chars: int | None = Field(None, ge=1, description="cut each prompt text (before the template) to at most N "
+                                  "characters, at the last whitespace before the cut: long articles as prompts")
     limit: int | None = Field(None, ge=1, description="use only the first N prompts")
 
     @model_validator(mode="before")
@@ -67,8 +71,19 @@ class PromptsConfig(StrictModel):
         return self
 
     def apply(self, text: str) -> str:
-        """The prompt as the model sees it: `template` with {prompt} replaced (other braces stay as written)."""
+        """The prompt as the model sees it: the text cut to `max_chars`, then `template` with {prompt} replaced
+        (other braces stay as written)."""
+        text = cut_text(text, self.max_chars)
         return text if self.template is None else self.template.replace("{prompt}", text)
+
+
+def cut_text(text: str, limit: int | None) -> str:
+    """`text` cut to at most `limit` characters, at the last whitespace before the cut when there is one."""
+    if limit is None or len(text) <= limit:
+        return text
+    head = text[:limit]
+    space = max(head.rfind(" "), head.rfind("\n"))
+    return (head[:space] if space > 0 else head).rstrip()
 
 
 def field_value(row: dict[str, Any], field: str) -> tuple[bool, Any]:
@@ -168,13 +183,15 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
         raise InputError(f"{path}: malformed CSV ({err})") from None
 
 
-def _read_hf(name: str, split: str) -> list[dict[str, Any]]:
+def _read_hf(name: str, split: str, subset: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     try:
         import datasets
     except ImportError:
         raise MissingDependencyError("reading prompts from a datasets name", "pip install datasets") from None
+    if limit is not None and "[" not in split:  # with a limit only its first rows are materialised
+        split = f"{split}[:{limit}]"
     try:
-        return list(datasets.load_dataset(name, split=split))
+        return list(datasets.load_dataset(name, subset, split=split))
     except Exception as err:  # datasets raises many types for "not found / offline"
         raise InputError(f"could not load dataset '{name}' split '{split}' ({type(err).__name__}); "
                          "check the name, or give a local .jsonl/.parquet/.csv file") from None
@@ -184,7 +201,7 @@ def read_prompts(config: PromptsConfig) -> list[Prompt]:
     """Prompts with stable ids, validated: no empty text, no duplicate ids, at least one prompt."""
     if config.path.startswith(HF_PREFIX):
         source = config.path[len(HF_PREFIX):]
-        rows = _read_hf(source, config.split)
+        rows = _read_hf(source, config.split, config.subset, config.limit)
     else:
         source = config.path
         rows = read_rows(config.path)
@@ -225,6 +242,8 @@ def describe_input(config: PromptsConfig, prompts: list[Prompt]) -> dict[str, An
     info: dict[str, Any] = {"path": config.path, "rows": len(prompts)}
     if config.template is not None:
         info["template"] = config.template
+    if config.max_chars is not None:
+        info["max_chars"] = config.max_chars
     if not config.path.startswith(HF_PREFIX):
         info["sha256"] = sha256_file(resolve_path(config.path))
     return info
