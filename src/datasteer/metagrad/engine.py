@@ -15,6 +15,10 @@ With `accumulation: sum` (the DPG authors' gradient accumulation) example i's |B
 micro-batch, d_i, throughout (L_t = sum_i w_i loss_i / d_i); with `loss_normalization: max_length`, loss_i is the
 summed token cross-entropy divided by max_length instead of by its number of trained tokens.
 
+With `loss_chunk` (tokens per chunk), loss_i comes from the backbone's last hidden states and the linear LM head
+through `chunked.token_nll`, whose forward, backward and backward-of-backward recompute the logits one chunk at a
+time: step 2 is unchanged (plain autograd), but no pass holds more than a chunk of [tokens, vocabulary] numbers.
+
 Step 2 stands in for a forward-mode product: the per-example directional derivatives come out of the
 same double backward that forms the Hessian-vector product.
 
