@@ -161,3 +161,39 @@ def test_tracker_numbers_and_modes(monkeypatch, capsys):
             progress.configure("auto")
     assert json_lines(capsys.readouterr().err)[-1]["status"] == "failed"
     assert progress.clock(3725) == "1:02:05" and progress.clock(None) == "-:--"
+
+
+def test_generate_rate_and_price_flags_set_the_teachers(tmp_path, monkeypatch):
+    import datasteer.generation
+    from datasteer.cli import main
+
+    seen = []
+
+    def capture(config, out, **kwargs):
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(datasteer.generation, "generate", capture)
+    with pytest.raises(SystemExit):
+        main(["generate", "p.jsonl", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m",
+              "--rpm", "60", "--tpm", "9000", "--input-price", "0.5", "--output-price", "1.5", "--out", str(tmp_path)])
+    (teacher,) = seen[0].teachers
+    assert (teacher.rpm, teacher.tpm, teacher.prices.input, teacher.prices.output) == (60, 9000, 0.5, 1.5)
+
+
+def test_generate_rate_and_price_flags_and_the_cost(tmp_path):
+    """--rpm/--tpm/--input-price/--output-price set the teacher's fields; the closing line and summary give the cost."""
+    from tests.conftest import write_prompts
+    from tests.test_openai_server import StubOpenAI
+
+    prompts = write_prompts(tmp_path / "p.jsonl", [f"question {i}" for i in range(4)])
+    with StubOpenAI() as stub:
+        done = run("generate", prompts, "--backend", "openai", "--base-url", stub.url, "--model", "m",
+                   "--rpm", "6000", "--tpm", "1000000", "--input-price", "2.5", "--output-price", "10",
+                   "--out", tmp_path / "run", "--log-json")
+    assert done.returncode == 0, done.stderr
+    summary = json_lines(done.stderr)[-1]
+    usage = summary["usage"]["m"]
+    expected = round(usage["prompt_tokens"] * 2.5e-6 + usage["completion_tokens"] * 1e-5, 6)
+    assert summary["cost"] == pytest.approx(expected) and expected > 0
+    assert f"estimated cost {expected:.6g}" in done.stdout
