@@ -17,7 +17,7 @@ FLOORS = [
     {"config", "plugins", "plotting", "models", "retry"},
     {"runs", "recipes", "training", "engines"},
     {"io", "rows"},
-    {"generation", "metagrad"},
+    {"generation", "metagrad", "hub"},
     {"metrics", "dpg", "probes"},
     {"inheritance"},
     {"api", "cli"},

@@ -645,6 +645,31 @@ def attribute(
     _summary("attribute", rows=result.rows, value=result.value, seconds=result.seconds, output=str(result.out))
 
 
+@app.command()
+def push(
+    run_dir: Path = typer.Argument(..., help="a finished run directory: a finetune run or DPG arm (the model), any "
+                                   "other run with a dataset card (its rows, as Parquet)"),
+    repo: str = typer.Option(..., "--repo", "-r", help="the Hub repository, NAME or OWNER/NAME (created if needed)"),
+    private: bool = typer.Option(False, "--private", help="create the repository private"),
+    message: Optional[str] = typer.Option(None, "--message", "-m", help="commit message"),
+    quiet: bool = QUIET, log_json: bool = LOG_JSON,
+) -> None:
+    """Upload a run to the Hugging Face Hub with its card: a model (weights, tokenizer, model card) or rows (Parquet,
+    dataset card). The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT picks another Hub."""
+    from datasteer.hub import push as run_push
+
+    _log_mode(log_json)
+    if quiet or log_json:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    result = run_push(run_dir, repo, private=private, message=message)
+    say(f"pushed {len(result.files)} files to the {result.repo_type} repository {result.repo_id} "
+        f"(commit {result.commit[:12]}): {result.url}")
+    _summary("push", repo_id=result.repo_id, repo_type=result.repo_type, url=result.url, commit=result.commit,
+             files=result.files)
+
+
 # ---------------------------------------------------------------- what is there
 
 @app.command("metrics")

@@ -14,8 +14,11 @@ them through `write_rows` and then `write_card`:
   the explicit schema inside the file.
 - The card (`README.md`) has the YAML header that the Hugging Face Hub and `datasets` read: `configs` name the
   run's rows files and `dataset_info` gives their features, so `datasets.load_dataset(RUN_DIR)` applies the
-  explicit schema at any file size (and checks the row count). Its body lists the files, the columns and the
-  run's provenance (stage, seed, datasteer version, git commit). The licence is left for the user to set.
+  explicit schema at any file size (and checks the row count); `task_categories`, `size_categories` and `tags`
+  for the Hub's search; `datasteer:` the provenance (`provenance(run)`: stage, datasteer version, seed, git
+  commit, and from the run's manifest and the runs its inputs came from, the teachers with their sampling, the
+  metrics and the selection objective). Its body says the same in Markdown and lists the files and columns. The
+  licence is left for the user to set (a commented `license:` line).
 - `load_rows(path)` loads one rows file as a `datasets.Dataset` with its explicit features (from the card
   beside it, else inferred over all rows).
 
@@ -175,10 +178,83 @@ def _features(schema: pa.Schema) -> Any:
     return Features.from_arrow_schema(schema)
 
 
-def card_metadata(files: Sequence[RowsFile], default: str | None = None,
-                  title: str | None = None) -> dict[str, Any]:
-    """The YAML header of a card: `configs` (the rows files) and `dataset_info` (their features, in datasets' own
-    YAML form, and row counts, which `datasets` checks on loading)."""
+# ---------------------------------------------------------------- provenance
+
+TEACHER_FIELDS = ("name", "model", "backend", "k", "sampling", "system_prompt")
+SELECTION_FIELDS = ("objectives", "combine", "constraints", "sources")
+LINEAGE_DEPTH = 6
+
+
+def _manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "stage" in data else None
+
+
+def lineage(run_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifests of the runs this run's inputs came from, nearest first (a select run's score run, then its
+    generate run): an input file whose folder holds a run's manifest, found where the manifest recorded it or, for
+    a run moved with its siblings, beside this run."""
+    found, seen, queue = [], {run_dir.resolve()}, [(run_dir, manifest, 0)]
+    while queue:
+        here, current, depth = queue.pop(0)
+        if depth >= LINEAGE_DEPTH:
+            continue
+        for info in (current.get("inputs") or {}).values():
+            if not isinstance(info, dict) or not isinstance(info.get("path"), str) or ":" in info["path"][:8]:
+                continue  # builtin:NAME, hf:NAME and the like are not runs
+            recorded = Path(info["path"]).parent
+            for folder in (recorded, here.parent / recorded.name):
+                try:
+                    key = folder.resolve()
+                except OSError:
+                    continue
+                upstream = _manifest(folder) if key not in seen else None
+                if upstream is not None:
+                    seen.add(key)
+                    found.append(upstream)
+                    queue.append((folder, upstream, depth + 1))
+                    break
+    return found
+
+
+def provenance(run: Run) -> dict[str, Any]:
+    """Where a run's rows come from, for its card: stage, datasteer version, seed, git commit, and from its config
+    or the configs of the runs upstream of it, the teachers (model, backend, k, sampling), the metrics and the
+    selection objective."""
+    return provenance_of(run.path, run.manifest)
+
+
+def provenance_of(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """`provenance` of the run in `run_dir` with this manifest (a model card's training data: its finetune run)."""
+    out: dict[str, Any] = {"stage": manifest.get("stage"),
+                           "datasteer_version": (manifest.get("versions") or {}).get("datasteer"),
+                           "seed": manifest.get("seed")}
+    if manifest.get("git_commit"):
+        out["git_commit"] = manifest["git_commit"]
+    chain = [manifest, *lineage(Path(run_dir), manifest)]
+    if len(chain) > 1:
+        out["upstream"] = [m.get("stage") for m in chain[1:]]
+    for entry in chain:
+        config = entry.get("config") or {}
+        if "teachers" not in out and isinstance(config.get("teachers"), list):
+            out["teachers"] = [{k: t.get(k) for k in TEACHER_FIELDS if t.get(k) is not None}
+                               for t in config["teachers"] if isinstance(t, dict)]
+        if "metrics" not in out and isinstance(config.get("metrics"), list):
+            out["metrics"] = [m if isinstance(m, str) else json_text(m) for m in config["metrics"]]
+        rule = config.get("selection") if isinstance(config.get("selection"), dict) else config
+        if "selection" not in out and isinstance(rule.get("objectives"), list):
+            out["selection"] = {k: rule.get(k) for k in SELECTION_FIELDS if rule.get(k) not in (None, [])}
+    return out
+
+
+def card_metadata(files: Sequence[RowsFile], default: str | None = None, title: str | None = None,
+                  origin: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The YAML header of a card: what the Hub indexes (task, size, tags), `configs` (the rows files),
+    `dataset_info` (their features, in datasets' own YAML form, and row counts, which `datasets` checks on loading)
+    and `datasteer` (the run's provenance)."""
     files = [f for f in files if f.rows > 0]  # datasets cannot load an empty file: it gets no config
     default = default or (files[0].config if files else None)
     configs, infos = [], []
@@ -189,13 +265,17 @@ def card_metadata(files: Sequence[RowsFile], default: str | None = None,
         configs.append(entry)
         infos.append({"config_name": f.config, "features": _features(f.schema)._to_yaml_list(),
                       "splits": [{"name": SPLIT, "num_bytes": f.bytes, "num_examples": f.rows}]})
-    return {
+    meta: dict[str, Any] = {
         "pretty_name": title,
+        "task_categories": ["text-generation"],
         "size_categories": [size_category(max((f.rows for f in files), default=0))],
         "tags": ["datasteer", "synthetic"],
         "configs": configs,
         "dataset_info": infos,
     }
+    if origin:
+        meta["datasteer"] = origin
+    return meta
 
 
 def _type_text(type: pa.DataType) -> str:
@@ -204,6 +284,26 @@ def _type_text(type: pa.DataType) -> str:
 
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def provenance_rows(origin: dict[str, Any]) -> list[str]:
+    """Rows of a Markdown `| | |` table: the runs upstream, the teachers, the metrics and the selection."""
+    lines: list[str] = []
+    if origin.get("upstream"):
+        lines.append(f"| made from | {', '.join(f'`{s}` run' for s in origin['upstream'])} |")
+    for teacher in origin.get("teachers", []):
+        sampling = ", ".join(f"{k} {v}" for k, v in (teacher.get("sampling") or {}).items() if v is not None)
+        lines.append(f"| teacher `{_cell(teacher.get('name'))}` | `{_cell(teacher.get('model'))}` "
+                     f"({teacher.get('backend', '?')}), k {teacher.get('k', 1)}; {_cell(sampling)} |")
+    if origin.get("metrics"):
+        lines.append(f"| metrics | {_cell(', '.join(origin['metrics']))} |")
+    if origin.get("selection"):
+        rule = origin["selection"]
+        shown = ", ".join(f"`{o}`" for o in rule.get("objectives", []))
+        extra = "; ".join(f"{k} {_cell(v if isinstance(v, str) else json_text(v))}" for k, v in rule.items()
+                          if k != "objectives")
+        lines.append(f"| selection | {shown}{'; ' + extra if extra else ''} |")
+    return lines
 
 
 def card_text(run: Run, files: Sequence[RowsFile], *, title: str | None = None, description: str | None = None,
@@ -215,7 +315,8 @@ def card_text(run: Run, files: Sequence[RowsFile], *, title: str | None = None, 
     stage = manifest.get("stage", "run")
     version = manifest.get("versions", {}).get("datasteer", "unknown")
     title = title or f"datasteer {stage} run"
-    meta = card_metadata(files, default, title)
+    origin = provenance(run)
+    meta = card_metadata(files, default, title, origin)
     kept = [f for f in files if f.rows > 0]
     header = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
     lines = ["---", "# license: not set; add the licence of this data (it depends on the models' terms)",
@@ -247,6 +348,7 @@ def card_text(run: Run, files: Sequence[RowsFile], *, title: str | None = None, 
         if isinstance(info, dict) and "path" in info:
             digest = f" (sha256 `{info['sha256'][:16]}…`)" if info.get("sha256") else ""
             lines.append(f"| input `{name}` | `{_cell(Path(str(info['path'])).name)}`{digest} |")
+    lines += provenance_rows(origin)
     lines += ["", "The full config, inputs and package versions are in `manifest.json`.", "",
               "## Licence", "", "Not set. Generated data follows the terms of the models that wrote it; add a "
               "`license:` line to the header above before sharing it.", ""]

@@ -8,7 +8,8 @@ One run directory per recipe; one sub-run per arm (the main reward, and baseline
                              validation: a fresh target trained on rollouts for held-out prompts
     <arm>/slices.jsonl       the LM-head slice's change at every validation (pattern targets)
     <arm>/checkpoints/       TRL checkpoints every `save_steps` (generator, optimizer, scheduler, RNG, data order)
-    <arm>/model/             the trained generator
+    <arm>/model/             the trained generator, with its model card (README.md)
+    <arm>/tensorboard/       TensorBoard events, with `grpo.trl.report_to: [tensorboard]`
     plots/, report.md, results.json
 
 The generator is trained with TRL's GRPOTrainer. The rewards it is handed are already the advantages: DPG
@@ -58,6 +59,7 @@ from datasteer.dpg.sampling import key_rollouts
 from datasteer.dpg.targets import untie_lm_head
 from datasteer.dpg.validation import Validator
 from datasteer.errors import ConfigError, InputError
+from datasteer.hub import model_card_text, write_model_card
 from datasteer.io import Prompt, PromptsConfig, describe_input, read_prompts
 from datasteer.models import load_model, parse_spec
 from datasteer.runs import Run
@@ -232,8 +234,11 @@ def run_arm(config: DPGConfig, arm: str, out: Path, prompts: list[Prompt], held_
     trainer.save_model(str(model_dir))  # the main process saves (Trainer's own rule)
     distributed.barrier()  # every rank reads the files the main process wrote
     rows, slices = read_jsonl(out / METRICS), read_jsonl(out / SLICES)
-    run.finish({"steps": config.grpo.max_steps, "final_validation": rows[-1].get("validation") if rows else None,
-                "model": "model", "metrics": METRICS})
+    summary = {"steps": config.grpo.max_steps, "final_validation": rows[-1].get("validation") if rows else None,
+               "model": "model", "metrics": METRICS}
+    if run.writes:  # the generator's model card (`datasteer push` uploads it with the model)
+        write_model_card(model_dir, model_card_text(out, run.manifest, details=summary))
+    run.finish(summary)
     return ArmResult(arm, out, rows, slices)
 
 

@@ -14,7 +14,8 @@ stop in the middle of a sentence.
 
 Run directory: `checkpoints/` (Trainer checkpoints: weights, optimizer, scheduler, RNG; a rerun
 resumes from the newest), `model/` (the final model, LoRA merged into the weights, with its
-tokenizer: any command loads it by path), `training.json` (loss per step, settings, counts).
+tokenizer and a model card, README.md: any command loads it by path; `datasteer push` uploads it),
+`training.json` (loss per step, settings, counts), `tensorboard/` (with `report_to: [tensorboard]`).
 
 Several processes (torchrun, `accelerate launch`: DDP, or FSDP2 / DeepSpeed from an accelerate config): every
 process loads the student on the CPU, trains its share of each batch (TRL's per-device batch: the global batch is
@@ -44,6 +45,7 @@ from typing import Any
 from datasteer.chat import tokenize_row
 from datasteer.distributed import broadcast_object, launched, world_size
 from datasteer.errors import ConfigError, InputError, RunMismatchError, optional_import
+from datasteer.hub import CARD_FILE, model_card_text
 from datasteer.inheritance.config import FinetuneConfig, FinetuneSettings
 from datasteer.io import read_rows
 from datasteer.models import _publish, load_model, model_shape, resolve_device
@@ -260,9 +262,10 @@ def trainable_part(config: FinetuneSettings, model: Any) -> Any:
     return config.lora.peft_config(target_modules=targets, layers_to_transform=layers)
 
 
-def save_model(trained: Any, tokenizer: Any, config: FinetuneSettings, model_dir: Path) -> None:
-    """The final model, LoRA merged into the weights, in the training dtype, with its tokenizer and generation
-    config: a directory any command loads by path, published atomically."""
+def save_model(trained: Any, tokenizer: Any, config: FinetuneSettings, model_dir: Path,
+               card: str | None = None) -> None:
+    """The final model, LoRA merged into the weights, in the training dtype, with its tokenizer, generation config
+    and model card (`card`, README.md): a directory any command loads by path, published atomically."""
     import torch
 
     if config.method == "lora":
@@ -276,6 +279,8 @@ def save_model(trained: Any, tokenizer: Any, config: FinetuneSettings, model_dir
         trained.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         trained.generation_config.save_pretrained(tmp)
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
 
     _publish(model_dir, save)
 
@@ -301,14 +306,16 @@ def model_from_saved(saved: Path, config: FinetuneConfig) -> Any:
                                                 else torch.bfloat16)
 
 
-def publish_model(trainer: Any, tokenizer: Any, config: FinetuneConfig, run: Run) -> None:
-    """model/, written once by the main process. DDP (and one process): every process holds the whole model, the
-    main one merges and saves its copy. FSDP and DeepSpeed hold shards: every process takes part in
-    `Trainer.save_model` (the gather), which the main process writes to checkpoints/gathered; it then builds the
-    merged model from that folder."""
+def publish_model(trainer: Any, tokenizer: Any, config: FinetuneConfig, run: Run,
+                  details: dict[str, Any] | None = None) -> None:
+    """model/, written once by the main process, with its model card (`details`: the run's summary). DDP (and one
+    process): every process holds the whole model, the main one merges and saves its copy. FSDP and DeepSpeed hold
+    shards: every process takes part in `Trainer.save_model` (the gather), which the main process writes to
+    checkpoints/gathered; it then builds the merged model from that folder."""
+    card = model_card_text(run.path, run.manifest, details=details) if run.writes else None
     if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         if run.writes:
-            save_model(trainer.model, tokenizer, config, run.path / MODEL_DIR)
+            save_model(trainer.model, tokenizer, config, run.path / MODEL_DIR, card)
         return
     gathered = run.path / CHECKPOINTS_DIR / GATHERED_DIR
     if trainer.is_fsdp_enabled:  # a sharded state dict would be saved as shards: gather the whole one instead
@@ -316,7 +323,7 @@ def publish_model(trainer: Any, tokenizer: Any, config: FinetuneConfig, run: Run
     trainer.save_model(str(gathered))  # a collective: every process gathers, the main one writes
     trainer.accelerator.wait_for_everyone()
     if run.writes:
-        save_model(model_from_saved(gathered, config), tokenizer, config, run.path / MODEL_DIR)
+        save_model(model_from_saved(gathered, config), tokenizer, config, run.path / MODEL_DIR, card)
         shutil.rmtree(gathered, ignore_errors=True)
 
 
@@ -442,7 +449,8 @@ def finetune(config: FinetuneConfig, out: str | Path, *, overwrite: bool = False
                                    "final_loss": final_loss, "seconds": seconds,
                                    "resumed_from": resume.name if resume else None, **_batch_record(trainer, config),
                                    **counts, "log": log_rows})
-    publish_model(trainer, tokenizer, config, run)
+    publish_model(trainer, tokenizer, config, run, {"examples": len(examples), "steps": steps,
+                                                    "final_loss": final_loss})
     if run.writes and not config.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     run.finish({"examples": len(examples), "steps": steps, "final_loss": final_loss, "model": MODEL_DIR,
