@@ -22,9 +22,10 @@ from datasteer.errors import ConfigError
 # Fields that change how fast or where work runs, never what it produces.
 # where and how fast work runs, never what it produces: left out of fingerprints (a run resumes with other values)
 # fields that never change what a run produces: a run may resume with other values (rate limits and prices of
-# HTTP teachers pace and price requests; a batch's poll interval only changes when results are looked for)
+# HTTP teachers pace and price requests; a batch's poll interval only changes when results are looked for; a
+# tracker only watches)
 OPERATIONAL_FIELDS = frozenset({"concurrency", "timeout_s", "max_retries", "device", "engine", "rpm", "tpm",
-                                "prices", "poll_interval_s"})
+                                "prices", "poll_interval_s", "report_to"})
 
 M = TypeVar("M", bound=BaseModel)
 
