@@ -8,8 +8,9 @@ sequences; the metric is minus the loss on held-out sequences; the inner loop is
 1. Time: `metagradients` (checkpoint 'all') against `train` for the same T steps, run alternately
    for --rounds rounds; the median of each and their ratio are reported (target: at most 3x).
 2. Memory: every (strategy, T) pair runs in a fresh subprocess; reported are the stored-state bytes
-   the engine counts and the growth of the process's peak memory (peak RSS on CPU,
-   torch.cuda.max_memory_allocated on a GPU) over its level before the call.
+   the engine counts and the growth of the process's peak memory (peak RSS, VmHWM, on CPU, with glibc's mmap
+   threshold fixed at 1 MiB so that freed tensors leave RSS; torch.cuda.max_memory_allocated on a GPU) over its
+   level before the call.
 
 Both are repeated for every --loss-chunks value: `none` is the whole-logits cross-entropy, a number N is
 `training.loss_chunk: N` (the cross-entropy and its double backward N tokens at a time); ratios are to `train`
@@ -25,8 +26,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,10 @@ PRESETS = {
     # GPT-2 small (124M, 50,257 vocabulary), the paper's 128 tokens, batches of 8 in micro-batches of 4
     "gpt2-small": dict(n_embd=768, n_layer=12, n_head=12, batch=8, length=128, micro_batch=4),
 }
+# glibc's malloc raises its mmap threshold as large blocks are freed and then keeps freed memory in the heap, so
+# peak RSS would count what the allocator retains, not what is alive; a fixed threshold returns every block of
+# 1 MiB or more to the system when torch frees it
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
 OVERRIDES = ("n_embd", "n_layer", "n_head", "length", "batch", "micro_batch")
 
 
@@ -93,18 +98,31 @@ def chunk_label(chunk: int | None) -> str:
     return "whole logits" if chunk is None else f"loss_chunk {chunk}"
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def peak_bytes(device: str) -> int:
+    """Peak since `current_bytes`. On CPU this is the process's VmHWM, not getrusage's ru_maxrss: Linux carries
+    ru_maxrss across fork and exec, so a child started by a parent that already holds gigabytes would report the
+    parent's peak as its own (the first versions of this benchmark did: every row showed the parent's ~1.7 GB)."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return _status_bytes("VmHWM")
 
 
 def current_bytes(device: str) -> int:
+    """Memory in use now; also resets the peak that `peak_bytes` reads."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current RSS
+        f.write("5")
+    return _status_bytes("VmRSS")
 
 
 def memory_child(args: argparse.Namespace) -> None:
@@ -197,7 +215,8 @@ def main() -> None:
                 for key in OVERRIDES:
                     if getattr(args, key) is not None:
                         cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                     env=CHILD_ENV).stdout.strip().splitlines()[-1]
                 row = json.loads(out)
                 label = f"replay (k={args.replay_k})" if strategy == "replay" else strategy
                 print(f"| {label} | {chunk_label(chunk_value(chunk))} | {steps} | {row['stored_states']} | "

@@ -39,13 +39,20 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(hidden, weight, bias)
 
 
-def _softmax_and_residual(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                          lse: Tensor) -> tuple[Tensor, Tensor]:
-    """p = softmax(z) and r = p - onehot(y) for one chunk of rows."""
-    p = torch.exp(_logits(hidden, weight, bias) - lse.unsqueeze(1))
-    r = p.clone()
-    r[torch.arange(len(targets), device=r.device), targets] -= 1
-    return p, r
+def _softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, lse: Tensor) -> Tensor:
+    """p = softmax(z) for one chunk of rows, in place of the chunk's logits."""
+    return _logits(hidden, weight, bias).sub_(lse.unsqueeze(1)).exp_()
+
+
+def _minus_onehot(p: Tensor, targets: Tensor) -> Tensor:
+    """r = p - onehot(y), in place."""
+    p[torch.arange(len(targets), device=p.device), targets] -= 1
+    return p
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """[C] row-wise dot products without a [C, V] temporary."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).reshape(-1)
 
 
 class _TokenNLL(torch.autograd.Function):
@@ -84,7 +91,7 @@ class _TokenNLLBackward(torch.autograd.Function):
         db = torch.zeros_like(bias) if need_b else None
         for start in range(0, hidden.shape[0], chunk):
             end = start + chunk
-            _, r = _softmax_and_residual(hidden[start:end], weight, bias, targets[start:end], lse[start:end])
+            r = _minus_onehot(_softmax(hidden[start:end], weight, bias, lse[start:end]), targets[start:end])
             gr = r.mul_(grad[start:end].unsqueeze(1))
             if need_h:
                 dh[start:end] = gr @ weight
@@ -112,21 +119,20 @@ class _TokenNLLBackward(torch.autograd.Function):
             return out_h, out_w, out_b, None, None, out_g, None, None
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = start + ctx.chunk
-            h, g = hidden[start:end], grad[start:end].unsqueeze(1)
-            p, r = _softmax_and_residual(h, weight, bias, targets[start:end], lse[start:end])
+            h, g, y = hidden[start:end], grad[start:end].unsqueeze(1), targets[start:end]
+            p = _softmax(h, weight, bias, lse[start:end])
             # u = a_h W^T + h a_W^T + a_b: the direction the cotangents give each row's logits
-            u = torch.zeros_like(p)
-            if a_h is not None:
-                u.addmm_(a_h[start:end], weight.T)
+            u = a_h[start:end] @ weight.T if a_h is not None else None
             if a_w is not None:
-                u.addmm_(h, a_w.T)
+                u = h @ a_w.T if u is None else u.addmm_(h, a_w.T)
             if a_b is not None:
-                u.add_(a_b)
-            if need_g:
-                out_g[start:end] = (r * u).sum(1)
-            # q = g p (u - <p, u>): through the softmax
-            q = p.mul_(u - (p * u).sum(1, keepdim=True)).mul_(g)
-            del u
+                u = a_b.expand(len(h), -1).clone() if u is None else u.add_(a_b)
+            pu = _rowdot(p, u)
+            if need_g:  # <r, u> = <p, u> - u[y]
+                out_g[start:end] = pu - u.gather(1, y.unsqueeze(1)).squeeze(1)
+            # q = g p (u - <p, u>): through the softmax (in place of u); then r = p - onehot(y) in place of p
+            q = u.sub_(pu.unsqueeze(1)).mul_(p).mul_(g)
+            r = _minus_onehot(p, y)
             gr = r.mul_(g)
             if need_h:
                 out_h[start:end] = q @ weight
@@ -138,7 +144,7 @@ class _TokenNLLBackward(torch.autograd.Function):
                     out_w.addmm_(gr.T, a_h[start:end])
             if need_b:
                 out_b.add_(q.sum(0))
-            del p, q, r, gr
+            del p, q, r, gr, u
         return out_h, out_w, out_b, None, None, out_g, None, None
 
 
