@@ -292,10 +292,16 @@ def test_every_shipped_recipe_validates_and_prompt_sets_are_disjoint():
     assert {"demo-inherit", "mtld-max", "length-max", "toxicity-min", "multi-source"} <= set(names)
     assert any(n.startswith("gpu-paper") for n in names)
     assert {"demo-dpg-67", "demo-dpg-l2", "demo-dpg-uuid", "gpu-paper-67", "gpu-paper-qr"} <= set(names)
+    from datasteer.inheritance.config import PassiveConfig, ProfileConfig
+    from datasteer.recipes import command_of
+
+    models = {"dpg": DPGConfig, "generate": GenerateConfig, "inherit": InheritConfig, "passive": PassiveConfig,
+              "profile": ProfileConfig}
     for name in names:
         data = load_recipe(recipe_path(name))
-        kind = DPGConfig if "generator" in data else GenerateConfig if name == "demo-generate" else InheritConfig
-        build(kind, data, name)
+        kind = models[command_of(data)]
+        # a profile recipe leaves the model to the command line
+        build(kind, {**data, "model": "embedded:smollm2"} if kind is ProfileConfig else data, name)
         assert load_recipe(name) == data  # a bare name finds the built-in recipe
     with pytest.raises(InputError, match="built-in name: .*demo-inherit"):
         load_recipe("no-such-recipe")

@@ -308,10 +308,11 @@ class ProfileConfig(ProfileSettings):
 
 # ---------------------------------------------------------------- the pipeline
 
-class InheritConfig(StrictModel):
-    """`datasteer inherit`: generate -> score -> select (active and random) -> finetune -> profile -> report."""
+class StudyConfig(StrictModel):
+    """What `inherit` and `passive` share: teachers answer training prompts, a student is fine-tuned on their
+    answers and profiled on held-out prompts."""
 
-    name: str = Field("inherit", description="the experiment's name (the report's title)")
+    name: str = Field("study", description="the experiment's name (the report's title)")
     description: str = Field("", description="what the experiment tests (the report's first paragraph)")
     seed: int = Field(0, description="run seed; the stages' seeds default to it")
     prompts: PromptsConfig = Field(..., description="prompts the teachers answer (the training set)")
@@ -319,13 +320,12 @@ class InheritConfig(StrictModel):
     teachers: list[TeacherConfig] = Field(..., min_length=1, description="one or several teachers")
     metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_PROFILE_METRICS),
                                description="metrics scored on candidates and on every profile")
-    selection: SelectionRule
-    random_baseline: bool = Field(True, description="also train on a random selection (passive inheritance)")
-    student: str = Field("embedded:smollm2", description="the student's model spec")
+    student: str = Field("embedded:smollm2", description="the student's model spec (also the base profiled)")
     output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="rows files of the generate and score "
                                                        "stages: jsonl, or parquet for large runs")
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
-    profile: ProfileSettings = Field(default_factory=ProfileSettings)
+    profile: ProfileSettings = Field(default_factory=ProfileSettings, description="how every model is profiled "
+                                     "(with the likelihood probes of profile.probes)")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="where the generate and score stages' "
                                  "units run: local (this process) or ray (operational: not part of the run's "
                                  "identity)")
@@ -333,24 +333,22 @@ class InheritConfig(StrictModel):
     _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: split_metric_specs(v)))
 
     @model_validator(mode="after")
-    def _parts(self) -> InheritConfig:
+    def _parts(self) -> StudyConfig:
         GenerateConfig(prompts=self.prompts, teachers=self.teachers, seed=self.seed)
-        for section, make in (("profile", lambda: self.profile_config(self.student, "base")),):
+        for section, make in self._sections():
             try:
                 make()
             except ValidationError as err:
                 raise ValueError(f"{section}.{describe_validation_error(err)}") from None
         return self
 
+    def _sections(self) -> list[tuple[str, Callable[[], Any]]]:
+        """(section, builder) of each stage config validated with the recipe."""
+        return [("profile", lambda: self.profile_config(self.student, "base"))]
+
     def generate_config(self) -> GenerateConfig:
         return GenerateConfig(prompts=self.prompts, teachers=self.teachers, seed=self.seed,
                               output_format=self.output_format, engine=self.engine)
-
-    def select_config(self, input: str, arm: str, report_columns: list[str]) -> SelectConfig:
-        rule = self.selection.model_dump()
-        if arm == "random":
-            rule.update(objectives=["random"], combine="weighted")
-        return SelectConfig(input=input, seed=self.seed, report_columns=report_columns, **rule)
 
     def finetune_config(self, input: str) -> FinetuneConfig:
         return FinetuneConfig(input=input, model=self.student,
@@ -359,6 +357,20 @@ class InheritConfig(StrictModel):
     def profile_config(self, model: str, label: str) -> ProfileConfig:
         return ProfileConfig(model=model, prompts=self.eval_prompts, label=label, metrics=self.metrics,
                              **{"seed": self.seed, **self.profile.model_dump(exclude_unset=True)})
+
+
+class InheritConfig(StudyConfig):
+    """`datasteer inherit`: generate -> score -> select (active and random) -> finetune -> profile -> report."""
+
+    name: str = Field("inherit", description="the experiment's name (the report's title)")
+    selection: SelectionRule
+    random_baseline: bool = Field(True, description="also train on a random selection (passive inheritance)")
+
+    def select_config(self, input: str, arm: str, report_columns: list[str]) -> SelectConfig:
+        rule = self.selection.model_dump()
+        if arm == "random":
+            rule.update(objectives=["random"], combine="weighted")
+        return SelectConfig(input=input, seed=self.seed, report_columns=report_columns, **rule)
 
 
 # ---------------------------------------------------------------- preferences
@@ -426,28 +438,13 @@ class JudgeProfileSettings(PairwiseSettings):
                               "(win rate with a 95% interval)")
 
 
-class PassiveConfig(StrictModel):
+class PassiveConfig(StudyConfig):
     """`datasteer passive`: what a student inherits from each teacher when nobody selects (random selection)."""
 
     name: str = Field("passive", description="the study's name (the report's title)")
-    description: str = Field("", description="what the study tests (the report's first paragraph)")
-    seed: int = Field(0, description="run seed; the stages' seeds default to it")
-    prompts: PromptsConfig = Field(..., description="prompts the teachers answer (the training set)")
-    eval_prompts: PromptsConfig = Field(..., description="held-out prompts for the text profiles")
-    teachers: list[TeacherConfig] = Field(..., min_length=1, description="the teachers; one student per teacher")
-    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_PROFILE_METRICS),
-                               description="metrics scored on candidates and on every text profile")
-    student: str = Field("embedded:smollm2", description="the student's model spec (also the base profiled)")
-    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
-    profile: ProfileSettings = Field(default_factory=ProfileSettings, description="the text profile, with the "
-                                     "likelihood probes (profile.probes) of every model")
     toxicity: ToxicityProfileSettings | None = Field(None, description="the toxicity profile (None: skipped)")
     judge: JudgeProfileSettings | None = Field(None, description="preferences as a judge (None: skipped)")
     resamples: int = Field(1000, ge=100, description="paired bootstrap resamples of the probes' intervals")
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="where the generate and score stages' "
-                                 "units run (operational)")
-
-    _split = field_validator("metrics", mode="before")(classmethod(lambda cls, v: split_metric_specs(v)))
 
     @field_validator("teachers")
     @classmethod
@@ -459,35 +456,19 @@ class PassiveConfig(StrictModel):
                 raise ValueError(f"teacher name {t.name!r} names directories: letters, digits, '_', '-', '.'")
         return teachers
 
-    @model_validator(mode="after")
-    def _parts(self) -> PassiveConfig:
-        GenerateConfig(prompts=self.prompts, teachers=self.teachers, seed=self.seed)
-        try:
-            self.profile_config(self.student, "base")
-            if self.toxicity is not None:
-                self.toxicity_config(self.student, "base")
-        except ValidationError as err:
-            raise ValueError(describe_validation_error(err)) from None
-        return self
+    def _sections(self) -> list[tuple[str, Callable[[], Any]]]:
+        sections = super()._sections()
+        if self.toxicity is not None:
+            sections.append(("toxicity", lambda: self.toxicity_config(self.student, "base")))
+        return sections
 
     @property
     def labels(self) -> list[str]:
         """base, then one student per teacher (named after it)."""
         return ["base", *(t.name for t in self.teachers)]
 
-    def generate_config(self) -> GenerateConfig:
-        return GenerateConfig(prompts=self.prompts, teachers=self.teachers, seed=self.seed, engine=self.engine)
-
     def select_config(self, input: str, teacher: str) -> SelectConfig:
         return SelectConfig(input=input, seed=self.seed, objectives=["random"], sources=[teacher])
-
-    def finetune_config(self, input: str) -> FinetuneConfig:
-        return FinetuneConfig(input=input, model=self.student,
-                              **{"seed": self.seed, **self.finetune.model_dump(exclude_unset=True)})
-
-    def profile_config(self, model: str, label: str) -> ProfileConfig:
-        return ProfileConfig(model=model, prompts=self.eval_prompts, label=label, metrics=self.metrics,
-                             **{"seed": self.seed, **self.profile.model_dump(exclude_unset=True)})
 
     def toxicity_config(self, model: str, label: str) -> ProfileConfig:
         assert self.toxicity is not None
