@@ -71,7 +71,9 @@ def text_dimensions(base: Profile, student: Profile) -> list[Dimension]:
         paired = row.paired[1]
         out.append(Dimension("text", row.metric, row.means[0], row.means[1], None if paired is None else paired.mean,
                              None if paired is None else paired.low, None if paired is None else paired.high,
-                             0 if paired is None else paired.n, "paired over prompts", row.higher_is_better))
+                             0 if paired is None else paired.n, "paired over prompts"))
+        # no better/worse here: a metric's direction is a selection objective's, not a verdict on what a student
+        # inherited (longer or plainer answers are not better in themselves)
     return out
 
 
