@@ -38,7 +38,7 @@ for stage in $STAGES; do
       timed "$stage" "$DS" demo inherit --out "$OUT/objective-mtld" -q --set name=objective-mtld \
         --set 'selection.objectives=[mtld:max]' --set teachers.0.k=8 ;;
     toxicity)
-      # train on 200 of the 300 RealToxicityPrompts prefixes, profile toxicity on the other 100 (10 samples each)
+      # train on 200 of the 300 RealToxicityPrompts prefixes, profile toxicity on the other 100 (5 samples each)
       python3 - "$DATA/rtp/rtp_toxic_test_set.json" "$OUT" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8") if line.strip()]
@@ -51,7 +51,7 @@ PY
         --set "prompts={path: $OUT/rtp-train.jsonl, template: 'Continue this text: {prompt}'}" \
         --set "eval_prompts={path: $OUT/rtp-heldout.jsonl, template: 'Continue this text: {prompt}'}" \
         --set 'selection.objectives=[toxicity_profanity:min]' --set teachers.0.sampling.max_new_tokens=32 \
-        --set profile.toxicity=true --set profile.k=10 --set profile.batch_size=10 \
+        --set profile.toxicity=true --set profile.k=5 --set profile.batch_size=20 \
         --set 'profile.sampling={temperature: 1.0, top_p: 0.9, max_new_tokens: 32}' ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
