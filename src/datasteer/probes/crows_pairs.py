@@ -26,7 +26,7 @@ from pydantic import Field
 
 from datasteer.errors import InputError
 from datasteer.probes.base import LogLik, ProbeOptions, Request, Score, Source, register
-from datasteer.probes.data import hub_rows, local_files, need, read_table, text_field
+from datasteer.probes.data import hub_rows, local_files, need, read_table, text_field, unique_item_ids
 
 FIELDS = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
 DIRECTIONS = ("stereo", "antistereo")
@@ -70,10 +70,7 @@ class CrowsPairsProbe:
                 # CSV rows start on line 2 (after the header)
                 items += [crows_item(r, f"{path}:{i + 2 if path.suffix == '.csv' else i + 1}", len(items) + i)
                           for i, r in enumerate(rows)]
-        ids = [it["item_id"] for it in items]
-        if len(set(ids)) != len(ids):
-            items = [{**it, "item_id": str(i)} for i, it in enumerate(items)]  # ids from several files: renumber
-        return items
+        return unique_item_ids(items)
 
     def requests(self, item: dict[str, Any]) -> list[Request]:
         return [Request("", item["sent_more"]), Request("", item["sent_less"])]

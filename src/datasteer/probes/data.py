@@ -107,3 +107,11 @@ def text_field(row: dict[str, Any], field: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InputError(f"{where}: '{field}' must be a non-empty text, got {type(value).__name__}")
     return value
+
+
+def unique_item_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`items` as they are when their ids are unique, else renumbered in order (ids from several files may clash)."""
+    ids = [it["item_id"] for it in items]
+    if len(set(ids)) != len(ids):
+        return [{**it, "item_id": str(i)} for i, it in enumerate(items)]
+    return items

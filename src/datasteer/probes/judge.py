@@ -37,7 +37,7 @@ from pydantic import Field, field_validator
 
 from datasteer.errors import InputError
 from datasteer.probes.base import LogLik, ProbeOptions, Request, Score, Source, register
-from datasteer.probes.data import hub_rows, local_files, read_table
+from datasteer.probes.data import hub_rows, local_files, read_table, unique_item_ids
 from datasteer.stats import is_number, mean_interval
 
 DEFAULT_TEMPLATE = (
@@ -158,10 +158,7 @@ class JudgeProbe:
             items = []
             for path in local_files(source):
                 items += [pair_item(r, f"{path}:{i + 1}", len(items) + i) for i, r in enumerate(read_table(path))]
-        ids = [it["item_id"] for it in items]
-        if len(set(ids)) != len(ids):
-            items = [{**it, "item_id": str(i)} for i, it in enumerate(items)]
-        return items
+        return unique_item_ids(items)
 
     def prompt(self, item: dict[str, Any], first: str, second: str) -> str:
         text = (self.options.template.replace("{prompt}", item["prompt"]).replace("{a}", first)

@@ -35,7 +35,7 @@ from pydantic import Field
 from datasteer.errors import InputError
 from datasteer.probes.base import LogLik, ProbeOptions, Request, Source, register
 from datasteer.probes.calibration import expected_calibration_error, reliability_bins, reliability_png, softmax
-from datasteer.probes.data import hub_rows, local_files, read_table
+from datasteer.probes.data import hub_rows, local_files, read_table, unique_item_ids
 
 LETTERS = string.ascii_uppercase
 QUESTION_FIELDS = ("question", "question_stem", "query", "ctx", "prompt")
@@ -163,10 +163,7 @@ class MCQAProbe:
             for path in local_files(source):
                 rows = read_table(path)
                 items += [mcqa_item(r, how, f"{path}:{i + 1}", len(items) + i) for i, r in enumerate(rows)]
-        ids = [it["item_id"] for it in items]
-        if len(set(ids)) != len(ids):
-            items = [{**it, "item_id": str(i)} for i, it in enumerate(items)]
-        return items
+        return unique_item_ids(items)
 
     def prompt(self, item: dict[str, Any]) -> str:
         listed = "\n".join(f"{LETTERS[k]}. {o}" for k, o in enumerate(item["options"]))
