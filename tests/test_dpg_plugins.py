@@ -85,7 +85,10 @@ def test_the_report_reads_the_declared_readout_not_the_keys_it_finds():
     assert summary["readout"] == "loss"
     entry = summary["arms"]["dpg"]
     assert (entry["start"], entry["final"], entry["best"], entry["untrained"]) == (2.0, 1.5, 1.0, 3.0)
+    assert (entry["last_mean"], entry["last_count"]) == (1.5, 3)  # fewer than five validations: all of them
     assert "examples_to" not in entry
+    seven = _arm("dpg", [{"phi": -float(v), "loss": float(v)} for v in (9, 8, 1, 2, 3, 4, 5)])
+    assert summarise([seven], TARGETS["text_loss"].readout)["arms"]["dpg"]["last_mean"] == 3.0  # 1..5
     assert summarise([arm], Readout(None))["readout"] is None
     higher = summarise([arm], Readout("extra", thresholds=(0.5,)))["arms"]["dpg"]
     assert higher["best"] == 9.0 and higher["examples_to"] == {"50%": 0}

@@ -184,6 +184,9 @@ def lm_head_gif(arm: Any, spec: LMHeadPatternSpec, path: Path, scale: int = 24) 
     return path
 
 
+TAIL = 5  # validations averaged into `last_mean`: the end of a run, less at the mercy of one validation's draw
+
+
 def summarise(arms: list[Any], readout: Readout) -> dict[str, Any]:
     key = readout.key
     out: dict[str, Any] = {"readout": key, "arms": {}}
@@ -197,7 +200,9 @@ def summarise(arms: list[Any], readout: Readout) -> dict[str, Any]:
             entry["untrained"] = untrained[key]
         if ys:
             best = max(ys) if readout.higher_is_better else min(ys)
-            entry.update(start=ys[0], final=ys[-1], best=best, change=ys[-1] - ys[0])
+            tail = ys[-TAIL:]
+            entry.update(start=ys[0], final=ys[-1], best=best, change=ys[-1] - ys[0],
+                         last_mean=sum(tail) / len(tail), last_count=len(tail))
         if phis:
             entry.update(phi_start=phis[0], phi_final=phis[-1])
         if readout.thresholds:
@@ -218,12 +223,12 @@ def headline_table(summary: dict[str, Any], readout: Readout) -> list[str]:
     """The markdown table of `summarise`: one row per arm, a column per threshold the readout declares."""
     key = readout.key
     header = ["arm", "examples seen", f"{key} of the untrained target", f"{key} at step 0", f"{key} final",
-              f"{key} best", "Phi at step 0", "Phi final"]
+              f"{key} best", f"{key}, mean of the last {TAIL} validations", "Phi at step 0", "Phi final"]
     header += [f"examples to {t:.0%}" for t in readout.thresholds]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, entry in summary["arms"].items():
         cells = [arm, entry["examples_seen"], entry.get("untrained"), entry.get("start"), entry.get("final"),
-                 entry.get("best"), entry.get("phi_start"), entry.get("phi_final")]
+                 entry.get("best"), entry.get("last_mean"), entry.get("phi_start"), entry.get("phi_final")]
         cells += [entry["examples_to"][f"{t:.0%}"] for t in readout.thresholds]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return lines

@@ -68,7 +68,7 @@ from datasteer.training import latest_checkpoint
 CHECKPOINTS = "checkpoints"
 RESULTS = "results.json"
 
-__all__ = ["ArmResult", "DPGResult", "dpg", "read_jsonl", "run_arm"]
+__all__ = ["ArmResult", "DPGResult", "dpg", "load_target", "read_jsonl", "run_arm"]
 
 
 @dataclass
@@ -153,17 +153,22 @@ class ArmModels:
     chat: bool
 
 
-def load_models(config: DPGConfig) -> ArmModels:
-    """The generator (restricted to its alphabet) and the target (eager attention, for exact metagradients; its LM
-    head untied from its input embedding with `target.untie`, before Phi is built on it)."""
-    generator = load_model(config.generator.model, dtype=config.generator.dtype, device=config.generator.device)
+def load_target(config: DPGConfig) -> InnerLoop:
+    """The target (eager attention, for exact metagradients; its LM head untied from its input embedding with
+    `target.untie`, before Phi is built on it), Phi on it, and how it is fine-tuned."""
     target = load_model(config.target.model, dtype=config.training.dtype, device=config.training.device,
                         attn_implementation="eager")
     if config.target.untie:
         untie_lm_head(target.model)
     phi = config.target.build(target.model, target.tokenizer)
-    restrict_alphabet(config.generator, generator.model, generator.tokenizer, phi, target.tokenizer)
-    inner = InnerLoop(target.model, target.tokenizer, phi, config.training)
+    return InnerLoop(target.model, target.tokenizer, phi, config.training)
+
+
+def load_models(config: DPGConfig) -> ArmModels:
+    """The generator (restricted to its alphabet) and the target (`load_target`)."""
+    generator = load_model(config.generator.model, dtype=config.generator.dtype, device=config.generator.device)
+    inner = load_target(config)
+    restrict_alphabet(config.generator, generator.model, generator.tokenizer, inner.target, inner.tokenizer)
     return ArmModels(generator.model, generator.tokenizer, inner, use_chat(config.generator, generator.tokenizer))
 
 
