@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from datasteer.config import build
-from datasteer.dpg.generator import allowed_token_ids, restrict_vocabulary
 from datasteer.dpg.config import DPGConfig
+from datasteer.dpg.generator import allowed_token_ids, restrict_vocabulary
 from datasteer.dpg.trainer import dpg, read_jsonl
 from datasteer.models import load_model
 from tests.conftest import DATASTEER, cli_env, write_prompts
@@ -66,6 +66,8 @@ def test_a_few_steps_of_both_arms_write_the_run(tmp_path):
     for name in ("curves.png", "lm_head.png", "lm_head-dpg.gif", "lm_head-naive.gif"):
         assert (tmp_path / "run" / "plots" / name).stat().st_size > 0
         assert name in report
+    assert "## Time per policy step" in report
+    assert report.count("\n| dpg | 4 | ") == 1 and report.count("\n| naive | 4 | ") == 1
     # DPG rewards are raw metagradients: tiny, and not all equal
     dpg_rows = read_jsonl(tmp_path / "run" / "dpg" / "metrics.jsonl")[1:]
     assert all(abs(r["reward"]["max"]) < 1.0 and r["reward"]["std"] > 0 for r in dpg_rows)
@@ -77,7 +79,12 @@ def test_a_few_steps_of_both_arms_write_the_run(tmp_path):
 def test_rewards_handed_to_trl_are_the_advantages(tmp_path):
     """TRL (scale_rewards='none') subtracts the group mean; our group-normalised values pass through unchanged."""
     from datasteer.dpg.records import StepRecords
-    from datasteer.dpg.rewards import InnerLoop, RewardFunction, dpg_rewards, group_advantages
+    from datasteer.dpg.rewards import (
+        InnerLoop,
+        RewardFunction,
+        dpg_rewards,
+        group_advantages,
+    )
 
     config = build(DPGConfig, recipe(tmp_path))
     loaded = load_model(config.target.model, attn_implementation="eager")
@@ -150,7 +157,7 @@ def test_overlapping_held_out_prompts_are_refused(tmp_path):
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "reward_seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
 @pytest.mark.slow
@@ -193,6 +200,15 @@ def test_lora_generator_with_a_kl_term(tmp_path):
     rows = read_jsonl(tmp_path / "run" / "dpg" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert (tmp_path / "run" / "dpg" / "model" / "adapter_config.json").is_file()  # an adapter, not full weights
+    # every row carries the time of each phase of its step (the policy-step profile)
+    assert set(rows[0]["seconds"]) == {"validation", "wall"}
+    for row in rows[1:]:
+        seconds = row["seconds"]
+        assert {"sampling", "reward", "policy_logprobs", "training_step", "wall"} <= set(seconds)
+        assert all(v >= 0 for v in seconds.values())
+        # sampling and rewards happen inside TRL's training step; the step lies inside the row's wall time
+        assert seconds["sampling"] + seconds["reward"] <= seconds["training_step"] <= seconds["wall"]
+    assert "validation" in rows[2]["seconds"]  # the last step is validated
 
 
 @pytest.mark.parametrize("chat", [True, False])

@@ -27,7 +27,7 @@ def _numbers_close(a, b, path="row"):
     if isinstance(a, dict):
         assert set(a) == set(b), path
         for key in a:
-            if key != "reward_seconds":
+            if key != "seconds":
                 _numbers_close(a[key], b[key], f"{path}.{key}")
     elif isinstance(a, float) and isinstance(b, float):
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), f"{path}: {a} vs {b}"

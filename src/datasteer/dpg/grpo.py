@@ -21,7 +21,7 @@ import torch
 
 from datasteer.chat import chat_messages, plain_prompt
 from datasteer.dpg.config import GRPOSpec
-from datasteer.dpg.records import tracker_scalars
+from datasteer.dpg.records import PhaseClock, tracker_scalars
 from datasteer.errors import ConfigError
 from datasteer.io import Prompt
 from datasteer.training import (
@@ -159,16 +159,30 @@ def step_callback(hooks: StepHooks) -> Any:
     return StepCallback()
 
 
+# TRL's methods whose time is each phase of a policy step (`records.PhaseClock`)
+TIMED_METHODS = {"_generate": "sampling", "_get_per_token_logps_and_entropies": "policy_logprobs",
+                 "training_step": "training_step"}
+
+
+def time_phases(trainer: Any, clock: PhaseClock) -> None:
+    """Time the trainer's sampling, policy log-probabilities and whole training step into `clock` (the instance's
+    methods wrapped; TRL calls them through `self`)."""
+    for name, phase in TIMED_METHODS.items():
+        setattr(trainer, name, clock.timed(phase, getattr(trainer, name)))
+
+
 def grpo_trainer(args: Any, generator: torch.nn.Module, tokenizer: Any, dataset: Any, reward: Any,
-                 peft_config: Any, hooks: StepHooks) -> Any:
-    """trl.GRPOTrainer with one reward function (returning advantages) and the arm's step hooks; transformers'
-    printer callback is dropped, since the arm prints its own progress lines."""
+                 peft_config: Any, hooks: StepHooks, clock: PhaseClock | None = None) -> Any:
+    """trl.GRPOTrainer with one reward function (returning advantages) and the arm's step hooks, its phases timed
+    into `clock`; transformers' printer callback is dropped, since the arm prints its own progress lines."""
     from trl import GRPOTrainer
 
     steps = step_callback(hooks)
     trainer = GRPOTrainer(model=generator, reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[steps])
     steps.log = trainer_logger(trainer)
+    if clock is not None:
+        time_phases(trainer, clock)
     quiet_trainer(trainer)
     whole_checkpoints(trainer)  # on several processes a checkpoint counts once every rank saved its part
     tracker_folder(trainer, Path(args.output_dir).parent / TENSORBOARD_DIR)

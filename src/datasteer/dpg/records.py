@@ -1,8 +1,10 @@
 """An arm's metrics files, and the rows that go into them.
 
 - `metrics.jsonl`: one row per policy step (`StepLogger`): step, examples seen, the record of that step's
-  rewards (`StepRecords`, filled by the reward function), and every `validation.every` steps the validation;
-  step 0 holds the untrained target's readout and the untrained generator's validation.
+  rewards (`StepRecords`, filled by the reward function), every `validation.every` steps the validation, and the
+  seconds each phase of the step took (`PhaseClock`: sampling, reward, policy log-probabilities, TRL's whole
+  training step, validation, wall); step 0 holds the untrained target's readout and the untrained generator's
+  validation.
 - `slices.jsonl`: the LM-head slice's change at every validation (pattern targets; written by the validator).
 
 Each row also reaches the trainer's own logger (`tracker_scalars`, logged by `grpo.step_callback`), so TensorBoard,
@@ -73,6 +75,38 @@ class StepRecords:
         return self.records[-1] if self.records else {}
 
 
+class PhaseClock:
+    """Wall seconds per phase of a policy step, summed until a metrics row takes them: sampling (the generator's
+    rollouts), reward (the target's fine-tuning: metagradients or the naive splits), policy_logprobs (the policy's
+    forward passes for log-probabilities), training_step (TRL's whole step: the phases above, the loss and its
+    backward pass), validation; `wall` is the time since the previous row (with the optimizer step, callbacks,
+    checkpoints)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+
+    def timed(self, phase: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        """`call`, its time added to `phase`."""
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.add(phase, time.perf_counter() - start)
+        return timed_call
+
+    def take(self) -> dict[str, float]:
+        now = time.perf_counter()
+        out = {k: round(v, 3) for k, v in self.phases.items()}
+        out["wall"] = round(now - self.last, 3)
+        self.phases, self.last = {}, now
+        return out
+
+
 class StepLogger:
     """Writes an arm's metrics rows: step 0 when training begins on a fresh run, then one row per generator update
     (TRL's optimizer step), validated every `every` steps and after the last; prints a progress line per step when
@@ -80,8 +114,10 @@ class StepLogger:
 
     def __init__(self, arm: str, grpo: GRPOSpec, every: int, records: StepRecords,
                  validate: Callable[[int, torch.nn.Module], dict[str, Any]], untrained: Callable[[], dict[str, float]],
-                 path: Path, done_step: int, say: Callable[[str], None] | None, writes: bool = True):
+                 path: Path, done_step: int, say: Callable[[str], None] | None, writes: bool = True,
+                 clock: PhaseClock | None = None):
         self.arm, self.grpo, self.every, self.records = arm, grpo, every, records
+        self.clock = clock or PhaseClock()
         # on several processes every rank validates (the target's fine-tuning is data parallel) and only the main
         # process writes and prints
         self.writes = writes
@@ -95,7 +131,8 @@ class StepLogger:
         """Step 0's row on a fresh run (None when resuming), for the trackers too."""
         if self.done_step == 0:  # the untrained generator: the baseline every curve starts from
             row = {"step": 0, "examples_seen": 0, "untrained": self.untrained()}
-            row["validation"] = self.validate(0, model)
+            row["validation"] = self.clock.timed("validation", self.validate)(0, model)
+            row["seconds"] = self.clock.take()
             if self.writes:
                 append_jsonl(self.path, row)
             return row
@@ -107,7 +144,8 @@ class StepLogger:
         batches = -(-step // self.updates_per_batch)
         row = {"step": step, "examples_seen": batches * self.batch, **self.records.latest()}
         if step % self.every == 0 or step == self.grpo.max_steps:
-            row["validation"] = self.validate(step, model)
+            row["validation"] = self.clock.timed("validation", self.validate)(step, model)
+        row["seconds"] = self.clock.take()
         if self.writes:
             append_jsonl(self.path, row)
         if self.say is not None:
@@ -124,6 +162,8 @@ class StepLogger:
 
 # keys of a metrics row that are not measurements: the x axis, and text
 NOT_SCALARS = frozenset({"step", "sample"})
+# keys of a metrics row that differ between two runs of the same recipe (wall-clock times)
+TIMES = "seconds"
 
 
 def tracker_scalars(row: dict[str, Any], prefix: str = "dpg/") -> dict[str, float]:

@@ -234,6 +234,31 @@ def headline_table(summary: dict[str, Any], readout: Readout) -> list[str]:
     return lines
 
 
+PHASES = ("sampling", "reward", "policy_logprobs", "training_step", "validation", "wall")
+
+
+def phase_table(arms: list[Any]) -> list[str]:
+    """Median seconds per policy step of each phase (`records.PhaseClock`), per arm; validation's median over the
+    steps that validated. Empty when the rows carry no times (runs made before they were recorded)."""
+    lines = []
+    for arm in arms:
+        steps = [r["seconds"] for r in arm.rows if r.get("step") and isinstance(r.get("seconds"), dict)]
+        if not steps:
+            continue
+        cells = []
+        for phase in PHASES:
+            values = sorted(s[phase] for s in steps if phase in s)
+            cells.append(f"{values[len(values) // 2]:.3g}" if values else "")
+        lines.append(f"| {arm.arm} | {len(steps)} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return ["## Time per policy step", "",
+            "Median wall seconds of each phase (`seconds` in metrics.jsonl): sampling the rollouts, the reward (the "
+            "target's fine-tuning), the policy's log-probability forward passes, TRL's whole training step (these "
+            "and the backward pass), validation (steps that validate), and the wall time between rows.", "",
+            "| arm | steps | " + " | ".join(PHASES) + " |", "|" + "---|" * (len(PHASES) + 2), *lines, ""]
+
+
 def policy_steps(grpo: Any) -> str:
     """'N policy steps', and the generator updates they take when a batch of rollouts makes several."""
     block = grpo.steps_per_generation * grpo.num_iterations
@@ -269,7 +294,8 @@ def write_dpg_report(config: DPGConfig, out: Path, arms: list[Any]) -> tuple[Pat
              "fine-tuning).", "", "## Headline", ""]
     lines += headline_table(summary, readout)
     lines += [""] + qr_lines if qr_lines else []
-    lines += ["", "## Plots", ""]
+    lines += [""] + phase_table(arms)
+    lines += ["## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in images]
     lines += ["", "## Files", "", "Per arm: `metrics.jsonl` (every step), `slices.jsonl` (LM-head slices at "
               "validations), `checkpoints/`, `model/` (the trained generator), `manifest.json`.", ""]

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from datasteer import distributed
 from datasteer.dpg.config import AdvantageSpec
-from datasteer.dpg.records import StepRecords
+from datasteer.dpg.records import PhaseClock, StepRecords
 from datasteer.errors import InputError
 from datasteer.metagrad import Target, TrainingConfig, metagradients, train
 from datasteer.training import TrainingDivergedError
@@ -141,8 +141,9 @@ class RewardFunction:
     appends the batch's record (reward statistics, Phi, readout, a sample) to `records`."""
 
     def __init__(self, arm: str, num_generations: int, inner: InnerLoop, tokenizer: Any, records: StepRecords,
-                 advantages: AdvantageSpec | None = None):
+                 advantages: AdvantageSpec | None = None, clock: PhaseClock | None = None):
         self.arm = arm
+        self.clock = clock
         self.advantages = advantages or AdvantageSpec()
         self.__name__ = f"{arm}_reward"
         self.k = num_generations
@@ -180,14 +181,16 @@ class RewardFunction:
             splits = [i % self.k for i in range(len(texts))]
             result = naive_rewards(inner.model, inner.tokenizer, texts, splits, inner.target, inner.training)
             advantages = batch_advantages(result.rewards, **self._normalisation())
-        self.records.append(step_record(result, texts, completion_ids, time.perf_counter() - start))
+        self.records.append(step_record(result, texts, completion_ids))
+        if self.clock is not None:
+            self.clock.add("reward", time.perf_counter() - start)
         return advantages.tolist()
 
     def _normalisation(self) -> dict[str, Any]:
         return {"eps": self.advantages.eps, "unbiased": self.advantages.std == "unbiased"}
 
 
-def step_record(result: Rewards, texts: list[str], completion_ids: list[list[int]], seconds: float) -> dict:
+def step_record(result: Rewards, texts: list[str], completion_ids: list[list[int]]) -> dict:
     r = result.rewards
     lengths = [len(ids) for ids in completion_ids]
     return {
@@ -198,6 +201,5 @@ def step_record(result: Rewards, texts: list[str], completion_ids: list[list[int
         "completion_tokens_mean": sum(lengths) / max(len(lengths), 1),
         "phi": result.phi,
         "readout": result.readout,
-        "reward_seconds": round(seconds, 3),
         "sample": texts[0][:200],
     }

@@ -52,7 +52,15 @@ from datasteer import distributed
 from datasteer.dpg.config import DPGConfig
 from datasteer.dpg.generator import check_generator, restrict_alphabet, use_chat
 from datasteer.dpg.grpo import grpo_arguments, grpo_trainer, prompt_dataset
-from datasteer.dpg.records import METRICS, SLICES, StepLogger, StepRecords, read_jsonl, truncate_jsonl
+from datasteer.dpg.records import (
+    METRICS,
+    SLICES,
+    PhaseClock,
+    StepLogger,
+    StepRecords,
+    read_jsonl,
+    truncate_jsonl,
+)
 from datasteer.dpg.report import write_dpg_report
 from datasteer.dpg.rewards import InnerLoop, RewardFunction
 from datasteer.dpg.sampling import key_rollouts
@@ -204,15 +212,15 @@ def arm_trainer(config: DPGConfig, arm: str, out: Path, models: ArmModels, promp
     args = grpo_arguments(config.grpo, out / CHECKPOINTS, config.seed, config.save_steps, models.generator,
                           distributed.world_size())
     peft_config = config.generator.lora.peft_config() if config.generator.lora is not None else None
-    records = StepRecords()
+    records, clock = StepRecords(), PhaseClock()
     reward = RewardFunction(arm, config.grpo.num_generations, models.inner, models.tokenizer, records,
-                            config.advantages)
+                            config.advantages, clock)
     validator = Validator(config, [p.prompt for p in held_out], models.chat, models.tokenizer, models.inner,
                           out / SLICES, writes)
     logger = StepLogger(arm, config.grpo, config.validation.every, records, validator, validator.untrained,
-                        out / METRICS, done_step, say, writes)
+                        out / METRICS, done_step, say, writes, clock)
     trainer = grpo_trainer(args, models.generator, models.tokenizer, prompt_dataset(prompts, models.chat, system),
-                           reward, peft_config, logger)
+                           reward, peft_config, logger, clock)
     key_rollouts(models.generator, config.seed, lambda: (getattr(trainer, "generation_config", None),
                                                          trainer.state.global_step, trainer.accelerator.process_index))
     return trainer
