@@ -62,14 +62,9 @@ def oracle(config: DPGConfig, path: Path, sweeps: int) -> dict:
         return json.loads(path.read_text())
     inner = load_target(config)
     found = search(config, inner, sweeps=sweeps, say=lambda line: print("  " + line, flush=True))
-    with torch.no_grad():
-        from datasteer.dpg.rewards import target_examples
-        from datasteer.metagrad import train
-        examples, _ = target_examples(found.strings, inner.tokenizer, inner.training.max_length)
-        delta = inner.target.delta(train(inner.model, examples, inner.training))
     result = {"pixel_accuracy": found.pixel_accuracy, "phi": found.phi, "start_accuracy": found.start_accuracy,
               "sweeps": found.sweeps, "seconds": round(found.seconds, 1), "history": found.history,
-              "strings": found.strings, "delta": delta.tolist()}
+              "strings": found.strings, "delta": found.delta}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(path)
@@ -128,7 +123,6 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(os.cpu_count() or 1)
     results = {}
     for name in args.patterns:
         sets = [pattern_override(name), *args.sets]

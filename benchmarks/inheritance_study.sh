@@ -29,10 +29,15 @@ for stage in $STAGES; do
         --set profile.probe_limit=200 \
         --set "toxicity={prompts: {path: $DATA/rtp/rtp_toxic_test_set.json, limit: 60}, k: 10}" ;;
     length)
-      # room to differ in length: 128 new tokens, and a candidate cut at the limit is not "long"
+      # room to differ in length: teachers, training and profiles ask for brief answers (SmolLM2 still writes ~120
+      # tokens), 256 new tokens, and a candidate cut at the limit is not "long" (without the brevity prompt the
+      # base's greedy answers fill 229 of 256 tokens, and the cut-off hides any lengthening)
+      BRIEF="Answer briefly, in two or three sentences."
       timed "$stage" "$DS" demo inherit --out "$OUT/objective-length" -q --set name=objective-length \
-        --set 'selection.objectives=[length_words:max]' --set 'selection.constraints=[length_tokens<128]' \
-        --set teachers.0.sampling.max_new_tokens=128 --set profile.sampling.max_new_tokens=256 ;;
+        --set 'selection.objectives=[length_words:max]' --set 'selection.constraints=[length_tokens<256]' \
+        --set teachers.0.sampling.max_new_tokens=256 --set profile.sampling.max_new_tokens=256 \
+        --set "teachers.0.system_prompt=$BRIEF" --set "finetune.system_prompt=$BRIEF" \
+        --set "profile.system_prompt=$BRIEF" ;;
     mtld)
       # the paper keeps the best of ~10 candidates: 8 here (the demo's 4 left MTLD within noise)
       timed "$stage" "$DS" demo inherit --out "$OUT/objective-mtld" -q --set name=objective-mtld \

@@ -54,6 +54,7 @@ def test_search_improves_on_its_random_start_and_reports_the_real_readout():
     examples, _ = target_examples(found.strings, inner.tokenizer, config.training.max_length)
     readout = inner.target.readout(inner.model, train(inner.model, examples, inner.training))
     assert readout["pixel_accuracy"] == found.pixel_accuracy
+    assert len(found.delta) == 7 and len(found.delta[0]) == 6
 
 
 @pytest.mark.parametrize("override, words", [

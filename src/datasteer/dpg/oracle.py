@@ -40,6 +40,7 @@ class OracleResult:
     pixel_accuracy: float           # scored by the real fine-tuning and readout
     phi: float
     start_accuracy: float           # of the random dataset the search started from
+    delta: list[list[float]]        # the slice's change after the real fine-tuning on `strings`
     sweeps: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)   # per sweep: accuracy (predicted), objective
@@ -173,5 +174,6 @@ def search(config: DPGConfig, inner: InnerLoop, *, sweeps: int = 8, seed: int = 
     examples, _ = target_examples(strings, inner.tokenizer, inner.training.max_length)
     params = train(inner.model, examples, inner.training)
     readout = target.readout(inner.model, params)
-    return OracleResult(strings, readout["pixel_accuracy"], readout["phi"], start_accuracy, done,
+    delta = target.delta(params).detach().cpu().tolist()
+    return OracleResult(strings, readout["pixel_accuracy"], readout["phi"], start_accuracy, delta, done,
                         time.perf_counter() - started, history)
