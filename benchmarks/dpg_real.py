@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from datasteer.dpg.config import DPGConfig  # noqa: E402
 from datasteer.dpg.generator import use_chat  # noqa: E402
+from datasteer.dpg.report import phase_medians  # noqa: E402
 from datasteer.dpg.trainer import _prompts, dpg, load_target  # noqa: E402
 from datasteer.dpg.validation import sample_rollouts, validate  # noqa: E402
 from datasteer.models import load_model  # noqa: E402
@@ -81,15 +82,7 @@ def main() -> int:
                                         chat, seed=7)
         print(f"{name}: {key} {table[name]['mean']:.4f} +- {table[name]['std']:.4f} over {args.draws} draws",
               flush=True)
-    phases = {}
-    for arm in result.arms:
-        steps = [r["seconds"] for r in arm.rows if r.get("step") and isinstance(r.get("seconds"), dict)]
-        phases[arm.arm] = {p: statistics.median(s[p] for s in steps if p in s)
-                           for p in ("sampling", "reward", "policy_logprobs", "training_step", "wall")
-                           if any(p in s for s in steps)}
-        validations = [r["seconds"]["validation"] for r in arm.rows if "validation" in r.get("seconds", {})]
-        if validations:
-            phases[arm.arm]["validation"] = statistics.median(validations)
+    phases = {arm.arm: phase_medians(arm.rows) for arm in result.arms}
     meta = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "recipe": args.recipe, "sets": args.sets,
             "run_seconds": round(run_seconds, 1)}

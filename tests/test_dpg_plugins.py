@@ -131,3 +131,15 @@ def test_optimizers_are_a_registry(monkeypatch):
     monkeypatch.setitem(OPTIMIZERS, "plain_sgd", lambda c: SGD(weight_decay=c.resolved_weight_decay))
     optimizer = make_optimizer(TrainingConfig(optimizer="plain_sgd", weight_decay=0.5))
     assert isinstance(optimizer, SGD) and optimizer.weight_decay == 0.5 and optimizer.slot_names == ()
+
+
+def test_phase_medians_take_validation_from_every_validation_and_the_rest_from_policy_steps():
+    from datasteer.dpg.report import phase_medians
+
+    rows = [{"step": 0, "seconds": {"validation": 4.0, "wall": 100.0}},
+            {"step": 1, "seconds": {"sampling": 1.0, "reward": 2.0, "wall": 3.0}},
+            {"step": 2, "seconds": {"sampling": 3.0, "reward": 2.0, "validation": 6.0, "wall": 5.0}},
+            {"step": 3}]  # a row written before times were recorded
+    assert phase_medians(rows) == {"sampling": 2.0, "reward": 2.0, "validation": 5.0, "wall": 4.0}
+    assert phase_medians([{"step": 1}]) == {}
+

@@ -162,8 +162,6 @@ class StepLogger:
 
 # keys of a metrics row that are not measurements: the x axis, and text
 NOT_SCALARS = frozenset({"step", "sample"})
-# keys of a metrics row that differ between two runs of the same recipe (wall-clock times)
-TIMES = "seconds"
 
 
 def tracker_scalars(row: dict[str, Any], prefix: str = "dpg/") -> dict[str, float]:

@@ -9,6 +9,7 @@ pattern's own layout and sign (`LMHeadPatternSpec.image`): ink is dark whichever
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -237,19 +238,30 @@ def headline_table(summary: dict[str, Any], readout: Readout) -> list[str]:
 PHASES = ("sampling", "reward", "policy_logprobs", "training_step", "validation", "wall")
 
 
+def phase_medians(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Median seconds per policy step of each phase (`records.PhaseClock`) over an arm's metrics rows, each phase
+    over the steps that had it: validation over every validation (step 0's too), the others over the policy steps
+    (step 0's wall time is the arm's set-up); {} when the rows carry no times (runs made before they were
+    recorded)."""
+    timed = [r for r in rows if isinstance(r.get("seconds"), dict)]
+    medians = {}
+    for phase in PHASES:
+        values = [r["seconds"][phase] for r in timed if phase in r["seconds"] and (r["step"] or phase == "validation")]
+        if values:
+            medians[phase] = statistics.median(values)
+    return medians
+
+
 def phase_table(arms: list[Any]) -> list[str]:
-    """Median seconds per policy step of each phase (`records.PhaseClock`), per arm; validation's median over the
-    steps that validated. Empty when the rows carry no times (runs made before they were recorded)."""
+    """`phase_medians` per arm as a markdown section; empty when no arm has times."""
     lines = []
     for arm in arms:
-        steps = [r["seconds"] for r in arm.rows if r.get("step") and isinstance(r.get("seconds"), dict)]
-        if not steps:
+        medians = phase_medians(arm.rows)
+        if not medians:
             continue
-        cells = []
-        for phase in PHASES:
-            values = sorted(s[phase] for s in steps if phase in s)
-            cells.append(f"{values[len(values) // 2]:.3g}" if values else "")
-        lines.append(f"| {arm.arm} | {len(steps)} | " + " | ".join(cells) + " |")
+        steps = sum(1 for r in arm.rows if r.get("step") and isinstance(r.get("seconds"), dict))
+        cells = [f"{medians[phase]:.3g}" if phase in medians else "" for phase in PHASES]
+        lines.append(f"| {arm.arm} | {steps} | " + " | ".join(cells) + " |")
     if not lines:
         return []
     return ["## Time per policy step", "",
