@@ -112,6 +112,9 @@ def test_gpt2_experiments_untie_the_head_and_llama_targets_keep_theirs():
         assert config.target.untie is gpt2
     uuid, language = recipe_config(DPGConfig, "gpu-paper-uuid"), recipe_config(DPGConfig, "gpu-paper-language")
     assert uuid.target.kind == language.target.kind == "text_loss"
+    # their lm-eval tasks: the UUID's every token, LAMBADA's last word; summed and over the padded length 128
+    assert (uuid.target.score, language.target.score) == ("all", "last_word")
+    assert uuid.target.length == language.target.length == 128
     assert uuid.prompts.limit == language.prompts.limit == 10240  # 40 policy steps per epoch: 9 and 3 epochs
     assert recipe_config(DPGConfig, "gpu-paper-l2").target.kind == "l2_norm"
 

@@ -122,6 +122,47 @@ def test_l2_and_text_loss_targets():
         text_loss(["  "], loaded.tokenizer)
 
 
+
+def test_last_word_text_loss_is_lambadas_split_and_its_metagradients_match_differences():
+    """score last_word: lm-eval's LAMBADA split (context = the words before the last space, target = " " + the
+    last word), scored as the word's summed loss; checked against the model's own log-probabilities in float64, and the
+    metagradients through it against central differences."""
+    from datasteer.models import load_model
+    from tests.test_metagrad import finite_differences, relative_error
+
+    loaded = load_model("tiny:gpt2?seed=3", attn_implementation="eager")
+    model, tokenizer = loaded.model.double().eval(), loaded.tokenizer
+    texts = ["the old fisherman pulled in his net and found a silver key",
+             "after the long storm she walked home through the rain to Zanzibar"]
+    target = text_loss(texts, tokenizer, score="last_word")
+    word = tokenizer(" Zanzibar", add_special_tokens=False)["input_ids"]
+    example = target.examples[1]
+    assert len(word) > 1 and example["input_ids"][-len(word):] == word
+    assert example["labels"] == [-100] * (len(example["input_ids"]) - len(word)) + word
+    sums = []  # an independent reference: log_softmax of the model's float64 logits at the word's positions
+    for row in target.examples:
+        logprobs = torch.log_softmax(model(torch.tensor([row["input_ids"]])).logits[0], dim=-1)
+        n = len(row["input_ids"])
+        sums.append(-sum(float(logprobs[j - 1, row["input_ids"][j]]) for j in range(n) if row["labels"][j] != -100))
+    params = dict(model.named_parameters())
+    got = target.readout(model, params)
+    assert got["loss"] == pytest.approx(sum(sums) / 2, rel=1e-10) and got["phi"] == -got["loss"]
+    per_128 = text_loss(texts, tokenizer, score="last_word", length=128).readout(model, params)
+    assert per_128["loss"] == pytest.approx(sum(sums) / 2 / 128, rel=1e-10)
+    short = text_loss(texts, tokenizer, max_length=len(word) + 2, score="last_word").examples[1]
+    assert short["input_ids"][-len(word):] == word and len(short["input_ids"]) == len(word) + 2  # lost its start
+    with pytest.raises(InputError, match="words before its last one"):
+        text_loss(["Zanzibar"], tokenizer, score="last_word")
+    with pytest.raises(InputError, match="not one of"):
+        text_loss(texts, tokenizer, score="first_word")
+
+    examples = [{"input_ids": tokenizer(t, add_special_tokens=False)["input_ids"]}
+                for t in ["a silver key", "the rain in the night", "he found the key", "home to the sea"]]
+    config = TrainingConfig(dtype="float64", optimizer="sgd", learning_rate=0.5, batch_size=2)
+    result = metagradients(model, examples, target, config)
+    fd = finite_differences(model, examples, target, config, 1e-5)
+    assert relative_error(result.scores, fd) <= 1e-6, (result.scores, fd)
+
 def double_head(model, params):
     """A custom target for the test below."""
     return params["transformer.wte.weight"].sum() * 2

@@ -1,5 +1,6 @@
 """`text_loss`: teach the target texts (a new language, a UUID, ...). Phi = -mean next-token loss of the target on
-them; readout = the loss. The Target itself is metagrad's `TextLoss`, the default metric of `datasteer attribute`.
+them, or (score last_word) minus the loss of each text's last word given the rest; readout = the loss. The Target
+itself is metagrad's `TextLoss`, the default metric of `datasteer attribute`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ class TextLossSpec(TargetSpecBase):
     texts: list[str] | None = None
     texts_file: str | None = Field(None, description="one text per line, or a JSONL/CSV file with a 'text' column")
     max_length: int = Field(128, ge=2, description="tokens per text")
+    score: Literal["all", "last_word"] = Field(
+        "all", description="all: the mean next-token loss over each whole text; last_word: the summed loss of each "
+        "text's last word given the words before it (lm-eval's LAMBADA split, the DPG authors' new-language metric)")
+    length: int | None = Field(None, ge=1, description="divide each text's summed loss by this many tokens instead "
+                               "(the DPG authors divide by their padded length, 128); default: the mean over the "
+                               "text's tokens (all) or the word's summed loss (last_word)")
 
     readout = Readout("loss", higher_is_better=False)
 
@@ -38,7 +45,11 @@ class TextLossSpec(TargetSpecBase):
     def check(self) -> None:
         if not all(t.strip() for t in self.all_texts()):
             raise InputError("target texts must not be empty")
+        if self.score == "last_word":
+            alone = [t for t in self.all_texts() if " " not in t.strip()]
+            if alone:
+                raise InputError(f"target.score last_word needs texts of several words; {alone[0][:60]!r} has one")
 
     def build(self, model: torch.nn.Module, tokenizer: Any) -> TextLoss:
         device = next(model.parameters()).device
-        return text_loss(self.all_texts(), tokenizer, self.max_length, device)
+        return text_loss(self.all_texts(), tokenizer, self.max_length, device, self.score, self.length)
