@@ -68,6 +68,16 @@ def test_a_few_steps_of_both_arms_write_the_run(tmp_path):
         assert name in report
     assert "## Time per policy step" in report
     assert report.count("\n| dpg | 4 | ") == 1 and report.count("\n| naive | 4 | ") == 1
+    # the rollout each validation recorded, before and after, per arm
+    samples = report[report.index("## Sample rollouts"):report.index("## Plots")]
+    assert samples.count("**dpg**") == samples.count("**naive**") == 1
+    for arm in ("dpg", "naive"):
+        part = samples[samples.index(f"**{arm}**"):]
+        for row in read_jsonl(tmp_path / "run" / arm / "metrics.jsonl"):
+            if "validation" in row:
+                line = next(x for x in part.splitlines() if x.startswith(f"| {row['step']} | "))
+                assert line.startswith(f"| {row['step']} | {row['examples_seen']} | ")
+                assert line.endswith(f"`{' '.join(row['validation']['sample'].split())}` |")
     # DPG rewards are raw metagradients: tiny, and not all equal
     dpg_rows = read_jsonl(tmp_path / "run" / "dpg" / "metrics.jsonl")[1:]
     assert all(abs(r["reward"]["max"]) < 1.0 and r["reward"]["std"] > 0 for r in dpg_rows)

@@ -271,6 +271,27 @@ def phase_table(arms: list[Any]) -> list[str]:
             "| arm | steps | " + " | ".join(PHASES) + " |", "|" + "---|" * (len(PHASES) + 2), *lines, ""]
 
 
+def samples_section(arms: list[Any], readout: Readout, width: int = 160) -> list[str]:
+    """Per arm, the rollout each validation records (the generator's answer to the first held-out prompt, drawn
+    afresh at each validation) beside the readout: what the steering did to the data, before and after."""
+    key = readout.key or "phi"
+    lines = []
+    for arm in arms:
+        rows = [r for r in arm.rows if isinstance((r.get("validation") or {}).get("sample"), str)]
+        if not rows:
+            continue
+        lines += [f"**{arm.arm}**", "", f"| step | examples seen | {key} | rollout |", "|---|---|---|---|"]
+        for row in rows:
+            text = " ".join(row["validation"]["sample"].split())[:width].replace("|", "\\|").replace("`", "'")
+            lines.append(f"| {row['step']} | {row['examples_seen']} | {_fmt(row['validation'].get(key))} | "
+                         f"`{text}` |")
+        lines.append("")
+    if not lines:
+        return []
+    return ["## Sample rollouts", "", "The rollout each validation records: the generator's answer to the first "
+            "held-out prompt, drawn afresh at every validation (step 0: the untrained generator).", "", *lines]
+
+
 def policy_steps(grpo: Any) -> str:
     """'N policy steps', and the generator updates they take when a batch of rollouts makes several."""
     block = grpo.steps_per_generation * grpo.num_iterations
@@ -307,6 +328,7 @@ def write_dpg_report(config: DPGConfig, out: Path, arms: list[Any]) -> tuple[Pat
     lines += headline_table(summary, readout)
     lines += [""] + qr_lines if qr_lines else []
     lines += [""] + phase_table(arms)
+    lines += samples_section(arms, readout)
     lines += ["## Plots", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in images]
     lines += ["", "## Files", "", "Per arm: `metrics.jsonl` (every step), `slices.jsonl` (LM-head slices at "
