@@ -94,6 +94,28 @@ def check_model(model: torch.nn.Module) -> None:
 
 
 @contextmanager
+def _tf32(on: bool) -> Iterator[None]:
+    """CUDA float32 matmuls and cuDNN convolutions in TensorFloat-32 for the duration; the caller's settings come
+    back afterwards."""
+    if not on:
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
+
+
+def check_precision(config: TrainingConfig, device: torch.device) -> None:
+    if config.precision == "tf32" and device.type != "cuda":
+        raise ConfigError(f"training.precision tf32 is a CUDA format and the target is on {device.type}; use fp32 "
+                          f"(exact) or bf16 (autocast) there")
+
+
+@contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Dropout off (metagradients must be deterministic); the caller's mode comes back afterwards."""
     was_training = model.training
@@ -114,6 +136,7 @@ class Unroll:
         self.dtype = getattr(torch, config.dtype)
         first = next(model.parameters())
         self.device = torch.device(config.device) if config.device else first.device
+        check_precision(config, self.device)
         self.examples: list[Example] = prepare_examples(examples, config.max_length)
         n = len(self.examples)
         if weights is None:
@@ -199,8 +222,12 @@ class Unroll:
         return self.weights[batch.index.to(self.device)] / batch.denominators
 
     def _losses(self, leaves: list[Tensor], batch: MicroBatch) -> Tensor:
-        return example_losses(self.model, self.tensors(leaves), batch, self.loss_length, self.config.loss_chunk,
-                              self.head)
+        # bf16: the model's ops under autocast (the two backward passes follow the forward's dtypes); the losses,
+        # and everything downstream of them, back in the parameters' dtype
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            losses = example_losses(self.model, self.tensors(leaves), batch, self.loss_length,
+                                    self.config.loss_chunk, self.head)
+        return losses.to(self.dtype)
 
     def gradient(self, params: list[Tensor], t: int, record: bool = True) -> list[Tensor]:
         """g_t at `params`, accumulated over micro-batches (and ranks), no graph kept; logs the weighted batch loss
@@ -297,7 +324,7 @@ def train(model: torch.nn.Module, examples: Sequence[Mapping[str, Any]], config:
           weights: Tensor | Sequence[float] | None = None) -> dict[str, Tensor]:
     """Fine-tune functionally (the model is left untouched); returns every named parameter after training."""
     config = config or TrainingConfig()
-    with _eval_mode(model):
+    with _eval_mode(model), _tf32(config.precision == "tf32"):
         unroll = Unroll(model, examples, config, weights)
         final = unroll.train()
     return unroll.tensors(final.params, with_buffers=False)
@@ -308,7 +335,7 @@ def metagradients(model: torch.nn.Module, examples: Sequence[Mapping[str, Any]],
                   progress: Progress | None = None) -> MetagradResult:
     """value = metric(model, params after training with per-example weights); scores = d value / d weights."""
     config = config or TrainingConfig()
-    with _eval_mode(model):
+    with _eval_mode(model), _tf32(config.precision == "tf32"):
         unroll = Unroll(model, examples, config, weights)
         unroll.progress = progress
         total = unroll.total_steps
