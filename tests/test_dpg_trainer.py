@@ -67,6 +67,9 @@ def test_a_few_steps_of_both_arms_write_the_run(tmp_path):
         assert (tmp_path / "run" / "plots" / name).stat().st_size > 0
         assert name in report
     assert "## Time per policy step" in report
+    # a pattern has no readout before any fine-tuning: "n/a" there, "not reached" only for a threshold
+    headline = next(x for x in report.splitlines() if x.startswith("| dpg | 32 | "))
+    assert headline.split(" | ")[2] == "n/a"
     assert report.count("\n| dpg | 4 | ") == 1 and report.count("\n| naive | 4 | ") == 1
     # the rollout each validation recorded, before and after, per arm
     samples = report[report.index("## Sample rollouts"):report.index("## Plots")]

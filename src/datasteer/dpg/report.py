@@ -212,9 +212,10 @@ def summarise(arms: list[Any], readout: Readout) -> dict[str, Any]:
     return out
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, none: str = "not reached") -> str:
+    """A table cell; `none` for a missing value (a threshold not reached, or "n/a" where the readout has none)."""
     if value is None:
-        return "not reached"
+        return none
     if isinstance(value, float):
         return f"{value:.4g}" if not math.isnan(value) else "nan"
     return str(value)
@@ -230,8 +231,8 @@ def headline_table(summary: dict[str, Any], readout: Readout) -> list[str]:
     for arm, entry in summary["arms"].items():
         cells = [arm, entry["examples_seen"], entry.get("untrained"), entry.get("start"), entry.get("final"),
                  entry.get("best"), entry.get("last_mean"), entry.get("phi_start"), entry.get("phi_final")]
-        cells += [entry["examples_to"][f"{t:.0%}"] for t in readout.thresholds]
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+        reached = [entry["examples_to"][f"{t:.0%}"] for t in readout.thresholds]
+        lines.append("| " + " | ".join([_fmt(c, "n/a") for c in cells] + [_fmt(c) for c in reached]) + " |")
     return lines
 
 
